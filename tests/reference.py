@@ -304,7 +304,11 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
         for name, p in model.named_parameters():
             if p.dim() > 1:
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / fan_in) ** 0.5)
+                # well below unit gain: the patchwise weights are not normalised and would overflow otherwise
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 / fan_in ** 0.5)
+                if '.conv_p.' in name:
+                    # coordinate differences are ~2/size: scale them up so the position encoding shows in outputs
+                    p.mul_(50.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if name.endswith('weight') else 0.0))
         for name, b in model.named_buffers():
