@@ -23,7 +23,7 @@ from timm.layers import DropPath, create_classifier, calculate_drop_path_rates, 
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
+from .checkpoint import check_state_dict, checkpoint_filter_fn, explain_pretrained_errors, strip_data_parallel_prefix
 from .hub_ids import hf_hub_id
 from .sam import SA_TYPES, SelfAttention
 
@@ -336,12 +336,13 @@ def _check_before_load(module: nn.Module, state_dict, prefix, local_metadata, st
 
 
 def _create_san(variant: str, pretrained: bool = False, **kwargs) -> SAN:
-    return build_model_with_cfg(
-        SAN, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3, 4)),
-        **kwargs,
-    )
+    with explain_pretrained_errors(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')):
+        return build_model_with_cfg(
+            SAN, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3, 4)),
+            **kwargs,
+        )
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
