@@ -13,36 +13,37 @@ Where a feature map is not larger than the footprint's half-width (inputs of 96p
 the official CUDA kernels read out of bounds; here the reflection padding is repeated instead (see
 ``timm_san.ops``), which agrees with the official kernels wherever they are defined.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, create_classifier, calculate_drop_path_rates, register_notrace_function
+from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, \
+    register_notrace_function
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .checkpoint import check_state_dict, checkpoint_filter_fn, explain_pretrained_errors, strip_data_parallel_prefix
+from .checkpoint import check_state_dict, checkpoint_filter_fn, explain_pretrained_errors, \
+    strip_data_parallel_prefix
 from .hub_ids import hf_hub_id
 from .sam import SA_TYPES, SelfAttention
 
 __all__ = ['SAN', 'SanBottleneck']
 
 NUM_STAGES = 5
-MIN_INPUT_SIZE = 2 ** NUM_STAGES  # each stage halves the map with a 2x2 max-pool
 STAGE_WIDTHS = (64, 256, 512, 1024, 2048)
 STAGE_KERNELS = (3, 7, 7, 7, 7)
 
 
 @register_notrace_function
-def check_input_size(x: torch.Tensor) -> None:
-    """Refuse images too small for the five 2x2 max-pools, with a message that says so."""
+def check_input_size(x: torch.Tensor, min_size: int = 32) -> None:
+    """Refuse images too small for the five 2x2 max-pools (``min_size = 2 ** 5``), with a message that says so."""
     height, width = x.shape[-2], x.shape[-1]
-    if height < MIN_INPUT_SIZE or width < MIN_INPUT_SIZE:
+    if height < min_size or width < min_size:
         raise ValueError(
-            f'SAN needs input images of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels (five stages each halve '
-            f'the map with a 2x2 max-pool), got {height}x{width}. Resize or pad the images.')
+            f'SAN needs input images of at least {min_size}x{min_size} pixels (five stages each halve the map '
+            f'with a 2x2 max-pool), got {height}x{width}. Resize or pad the images.')
 
 
 class SanBottleneck(nn.Module):
@@ -181,7 +182,18 @@ class SAN(nn.Module):
         self.num_features = prev_width
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.register_load_state_dict_pre_hook(_check_before_load)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that takes official checkpoints as they are and refuses misfits whole.
+
+        The ``module.`` prefix of the official (DataParallel) checkpoints is stripped; a state dict that does not
+        fit raises ``CheckpointMismatchError`` naming what is missing, unexpected or mis-shaped, before any
+        tensor is copied (PyTorch would copy the fitting ones first and leave the model half loaded).
+        """
+        state_dict = {strip_data_parallel_prefix(k): v for k, v in state_dict.items()}
+        name = getattr(self, 'pretrained_cfg', {}).get('architecture')
+        check_state_dict(self, state_dict, strict=strict, model_name=name)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -231,10 +243,12 @@ class SAN(nn.Module):
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        device, dtype = self.bn_in.weight.device, self.bn_in.weight.dtype
         self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, device=device, dtype=dtype)
+            self.num_features, num_classes, pool_type=global_pool, **get_device_dtype(self))
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        # new modules start in training mode; keep the model's
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def _stage_names(self, index: int) -> Tuple[str, ...]:
         return f'pool{index}', f'conv{index}', f'layer{index}', f'bn{index}', f'act{index}'
@@ -321,18 +335,6 @@ class SAN(nn.Module):
         x = self.forward_features(x)
         x = self.forward_head(x)
         return x
-
-
-def _check_before_load(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,
-                       unexpected_keys, error_msgs) -> None:
-    """Load-state-dict pre-hook: take official checkpoints as they are, refuse misfits before copying anything."""
-    keys = [k for k in state_dict if k.startswith(prefix)]
-    if any(k.startswith(prefix + 'module.') for k in keys):
-        # DataParallel prefix of the official checkpoints, when handed straight to load_state_dict
-        for key in keys:
-            state_dict[prefix + strip_data_parallel_prefix(key[len(prefix):])] = state_dict.pop(key)
-    name = getattr(module, 'pretrained_cfg', {}).get('architecture')
-    check_state_dict(module, state_dict, prefix=prefix, strict=strict, model_name=name)
 
 
 def _create_san(variant: str, pretrained: bool = False, **kwargs) -> SAN:
