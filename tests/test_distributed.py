@@ -1,5 +1,8 @@
 """ Distributed training of SAN: DistributedDataParallel over 2 CPU processes (gloo) under torchrun, SyncBatchNorm
 
+The processes run ``script_fixtures/ddp_train.py`` through the launcher (``torchrun ... -m timm_san run``), as the
+README shows for timm's scripts.
+
 SyncBatchNorm's forward in training needs a GPU (PyTorch refuses CPU tensors there, and with one process it falls
 back to plain BatchNorm), so here only the conversion is checked; training with it needs several GPUs.
 """
@@ -23,7 +26,7 @@ def test_ddp_replicas_stay_identical(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     command = [
         sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-        WORKER, '--report', str(report_path), '--steps', '3']
+        '-m', 'timm_san', 'run', WORKER, '--report', str(report_path), '--steps', '3']
     proc = subprocess.run(command, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(report_path) as f:

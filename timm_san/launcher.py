@@ -65,7 +65,8 @@ def run_script(script: str, args: List[str]) -> int:
     """
     if not os.path.isfile(script):
         what = 'is a directory' if os.path.isdir(script) else 'does not exist'
-        raise ScriptNotFoundError(f'{script!r} {what}: give the path of a Python script file (train.py, validate.py, ...)')
+        raise ScriptNotFoundError(
+            f'{script!r} {what}: give the path of a Python script file (train.py, validate.py, ...)')
     # registers the SAN models in timm's registry before the script creates any model
     import timm_san  # noqa: F401
 

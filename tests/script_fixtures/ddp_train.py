@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """ Train a SAN for a few steps with DistributedDataParallel on CPU (gloo), under torchrun
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_train.py --report report.json
+    torchrun --standalone --nproc_per_node 2 -m timm_san run ddp_train.py --report report.json
+
+(``python -m torch.distributed.run`` is ``torchrun``.) The script does not import ``timm_san`` itself: the
+launcher registers the SAN models in each process, as it does for timm's scripts under torchrun.
 
 Each process seeds itself with its rank, as timm's train.py does, so the replicas start from different weights
 and see different batches. DistributedDataParallel broadcasts rank 0's weights when it wraps the model and
@@ -24,7 +27,6 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import timm
-import timm_san  # noqa: F401  registers the SAN models
 from timm.utils import distribute_bn
 
 parser = argparse.ArgumentParser(description='a few DDP training steps of a SAN on CPU')
