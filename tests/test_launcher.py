@@ -70,13 +70,6 @@ def test_runs_like_python_with_models_registered(tmp_path):
         assert launched['path0'] == FIXTURES
 
 
-def test_script_creates_san_model(tmp_path):
-    # (a direct run cannot: test_runs_like_python_with_models_registered shows the model unknown there)
-    rc, err = _run([CONSOLE_SCRIPT, 'run', SCRIPT, '--create', '--report', str(tmp_path / 'r.json')], str(tmp_path))
-    assert rc == 0, err
-    assert _read(tmp_path / 'r.json')['logits_shape'] == [1, 3]
-
-
 def _script_frames(stderr: str) -> List[str]:
     """The traceback from the script's first frame on (a launcher run has the launcher's frames above it)."""
     lines = stderr.splitlines()
@@ -107,11 +100,12 @@ def test_exit_code_in_process(args, code, stderr, capsys):
 
 def test_in_process_restores_argv_and_path(tmp_path):
     argv, path = sys.argv[:], sys.path[:]
-    assert run_main([SCRIPT, '--report', str(tmp_path / 'r.json')]) == 0
+    assert run_main([SCRIPT, '--report', str(tmp_path / 'r.json'), '--create']) == 0
     assert (sys.argv, sys.path) == (argv, path)
     report = _read(tmp_path / 'r.json')
     assert report['name'] == '__main__' and report['path0'] == FIXTURES
-    assert report['argv'][1:] == ['--report', str(tmp_path / 'r.json')]
+    assert report['argv'][1:] == ['--report', str(tmp_path / 'r.json'), '--create']
+    assert report['logits_shape'] == [1, 3], 'the script could not create and run a SAN model'
 
 
 def test_in_process_exception_propagates_untouched():
