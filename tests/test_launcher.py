@@ -139,3 +139,13 @@ def test_help(capsys):
     assert run_main(['--help']) == 0
     assert 'usage: timm-san run SCRIPT [ARGS...]' in capsys.readouterr().out
 
+
+
+def test_symlinked_script_imports_from_its_real_folder(tmp_path):
+    # as python does for a symlinked script: sys.path[0] is the folder of the file the link points to
+    link = tmp_path / 'linked_script.py'
+    link.symlink_to(SCRIPT)
+    assert run_main([str(link), '--report', str(tmp_path / 'r.json')]) == 0
+    report = _read(tmp_path / 'r.json')
+    assert report['path0'] == FIXTURES and report['neighbour'] == 'report_helper'
+    assert report['file'] == str(link)
