@@ -10,6 +10,7 @@ with its repository before anything is uploaded: files that are already there un
 repository holding a file of the same name with other content is left alone unless ``--overwrite`` is given.
 """
 import argparse
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass, field
@@ -22,9 +23,23 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils.sha import git_hash, sha_fileobj
 from safetensors import SafetensorError, safe_open
 
-from timm_san.hub_ids import HF_HUB_ORG
-
 FILES = ('model.safetensors', 'config.json', 'README.md')
+
+
+def _default_org() -> str:
+    """``timm_san.hub_ids.HF_HUB_ORG``, the one place naming the organisation.
+
+    The module is loaded by itself: importing the ``timm_san`` package would load the models, and torch, which
+    publishing does not need.
+    """
+    package = importlib.util.find_spec('timm_san')
+    if package is None or not package.submodule_search_locations:
+        raise PublishError('timm_san is not installed here; install it (pip install -e .) or pass --org.')
+    path = Path(list(package.submodule_search_locations)[0]) / 'hub_ids.py'
+    spec = importlib.util.spec_from_file_location('_timm_san_hub_ids', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.HF_HUB_ORG
 
 
 class PublishError(RuntimeError):
@@ -60,8 +75,8 @@ def _parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--repo-id', default=None,
                         help='repository to upload to (one folder only); default: <org>/<architecture>.<tag> '
                              'from the folder\'s config.json')
-    parser.add_argument('--org', default=HF_HUB_ORG, help='organisation of the default repository ids '
-                                                          '(default: %(default)s, from timm_san.hub_ids)')
+    parser.add_argument('--org', default=None, help='organisation of the default repository ids '
+                                                    '(default: HF_HUB_ORG of timm_san.hub_ids)')
     parser.add_argument('--revision', default=None, help='branch to upload to (default: main)')
     parser.add_argument('--dry-run', action='store_true', help='list what would be uploaded, upload nothing')
     parser.add_argument('--overwrite', action='store_true',
@@ -81,7 +96,8 @@ def _check_folder(folder: Path) -> Dict:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise PublishError(f'{folder}/config.json is not a timm config ({e!r}); write the folder again.') from e
     try:
-        with safe_open(str(folder / 'model.safetensors'), framework='pt') as f:
+        # the header is all that is read; numpy spares loading torch
+        with safe_open(str(folder / 'model.safetensors'), framework='numpy') as f:
             f.keys()
     except (SafetensorError, OSError) as e:
         raise PublishError(f'{folder}/model.safetensors is not a valid safetensors file ({e}); write the folder '
@@ -137,10 +153,11 @@ def publish(args: argparse.Namespace) -> int:
     if args.repo_id and len(folders) > 1:
         raise PublishError('--repo-id names the repository of one folder; leave it out to publish several.')
     api = HfApi()
+    org = args.org or (None if args.repo_id else _default_org())
     plans = []
     for folder in folders:
         config = _check_folder(folder)
-        repo_id = args.repo_id or _default_repo_id(config, args.org, folder)
+        repo_id = args.repo_id or _default_repo_id(config, org, folder)
         plans.append(_plan(api, folder, repo_id, args.revision))
     repo_ids = [plan.repo_id for plan in plans]
     repeated = sorted({repo_id for repo_id in repo_ids if repo_ids.count(repo_id) > 1})

@@ -9,8 +9,9 @@ headers and status codes it reads:
 * ``GET /api/models/{repo_id}[/revision/{revision}]`` and ``GET /api/models/{repo_id}/tree/{revision}``: repository
   info and file listing with git oids and LFS sha256;
 * the upload protocol without Xet (``HF_HUB_DISABLE_XET=1``): ``POST /api/repos/create``,
-  ``POST /api/validate-yaml`` (model card metadata), ``POST /api/models/{repo_id}/preupload/{revision}``, the LFS batch API with a basic transfer,
-  ``PUT`` of the LFS object, and ``POST /api/models/{repo_id}/commit/{revision}`` (NDJSON).
+  ``POST /api/validate-yaml`` (model card metadata), ``POST /api/models/{repo_id}/preupload/{revision}``,
+  the LFS batch API with a basic transfer, ``PUT`` of the LFS object, and
+  ``POST /api/models/{repo_id}/commit/{revision}`` (NDJSON).
 
 Every request is counted by method and path, so a test can tell whether a file was downloaded again. A file can
 be made to fail once in transfer (``cut_once``: the body stops halfway while the headers announce it whole).

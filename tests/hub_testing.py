@@ -1,6 +1,8 @@
 """ Helpers of the hub/ tests: official-format checkpoints, one conversion shared by the test modules, and
 loading models in a fresh Python process with the environment a user would set (HF_ENDPOINT, HF_HOME, ...)
 """
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +59,9 @@ def convert(checkpoint: Path, out: Path, *extra: str, model: str = MODEL) -> sub
 def shared_conversion(tmp_path_factory) -> Tuple[Path, Path, subprocess.CompletedProcess]:
     """One checkpoint converted once per test session, for every module that needs a converted folder.
 
+    The conversion runs against a record of official checkpoints that holds this checkpoint's sha256, so it
+    also shows the check of a matching file.
+
     Returns:
         The checkpoint, the folder convert.py wrote, and convert.py's completed process.
     """
@@ -65,7 +70,10 @@ def shared_conversion(tmp_path_factory) -> Tuple[Path, Path, subprocess.Complete
     if not folder.exists():
         root.mkdir(exist_ok=True)
         write_official_checkpoint(checkpoint)
-        result = convert(checkpoint, folder)
+        record = json.loads((HUB_DIR / 'official_checkpoints.json').read_text())
+        record['checkpoints'][MODEL]['sha256'] = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        (root / 'sources.json').write_text(json.dumps(record))
+        result = convert(checkpoint, folder, '--sources', str(root / 'sources.json'))
         assert result.returncode == 0, result.stderr
         (root / 'convert.stdout').write_text(result.stdout)
     result = subprocess.CompletedProcess([], 0, (root / 'convert.stdout').read_text(), '')
@@ -96,7 +104,7 @@ def loaded_results(out_prefix: Path) -> Tuple[Dict[str, torch.Tensor], torch.Ten
 
 
 def checkpoint_reference(checkpoint: Path) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-    """Weights of the checkpoint and the outputs of a timm model loaded from it directly, on ``LOAD_SCRIPT``'s images."""
+    """The checkpoint's weights, and the outputs of a timm model loaded from it directly on ``LOAD_SCRIPT``'s images."""
     import timm
     import timm_san  # noqa: F401
     from timm_san.checkpoint import load_official_checkpoint

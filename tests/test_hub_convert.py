@@ -35,7 +35,8 @@ def test_default_cfgs_name_hub_repositories():
 def test_convert_writes_a_folder_timm_loads(conversion):
     checkpoint, folder, result = conversion
     assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
-    assert 'no recorded sha256 to check against' in result.stdout
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert f'sha256 {sha256} matches the record of the official {MODEL} checkpoint' in result.stdout
     assert not _leftovers(folder.parent, folder.name)
 
     config = json.loads((folder / 'config.json').read_text())
@@ -72,6 +73,7 @@ def test_refuses_checkpoint_of_another_model(tmp_path, conversion):
     out = tmp_path / 'out'
     result = convert(checkpoint, out, model='san10_patchwise')
     assert result.returncode == 1
+    assert 'no recorded sha256 to check against for san10_patchwise' in result.stdout  # the record as shipped
     assert 'does not fit san10_patchwise' in result.stderr
     assert 'It holds SAN weights: pairwise' in result.stderr
     assert not out.exists() and not _leftovers(tmp_path, 'out')
@@ -104,12 +106,14 @@ def test_checks_the_recorded_sha256(tmp_path, conversion):
     assert '--ignore-sha256' in result.stderr
     assert not out.exists() and not _leftovers(tmp_path, 'out')
 
-    record['checkpoints'][MODEL]['sha256'] = actual
-    sources.write_text(json.dumps(record))
-    result = convert(checkpoint, out, '--sources', str(sources))
+    # told to, it converts anyway, and replaces a folder already there as a whole
+    out.mkdir()
+    (out / 'stale.txt').write_text('from an earlier conversion')
+    result = convert(checkpoint, out, '--sources', str(sources), '--ignore-sha256', '--overwrite')
     assert result.returncode == 0, result.stderr
-    assert f'sha256 {actual} matches the record' in result.stdout
-    assert (out / 'model.safetensors').is_file()
+    assert 'Converting anyway (--ignore-sha256)' in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    assert not _leftovers(tmp_path, 'out')
 
 
 def test_refuses_existing_folder_and_unknown_model(tmp_path, conversion):

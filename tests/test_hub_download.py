@@ -37,9 +37,12 @@ def warm_home(tmp_path_factory, hub, reference):
     """An HF_HOME whose cache holds the weights after one ``pretrained=True`` load (checked in that test)."""
     home = tmp_path_factory.mktemp('hf_home_warm')
     gets_before = hub.count('GET', REPO_ID, 'model.safetensors')
-    result = load_in_subprocess(MODEL, home / 'first', clean_env(HF_ENDPOINT=hub.url, HF_HOME=str(home)))
+    # TQDM_POSITION=-1: huggingface_hub shows its progress bars even though stderr is not a terminal here
+    env = clean_env(HF_ENDPOINT=hub.url, HF_HOME=str(home), TQDM_POSITION='-1')
+    result = load_in_subprocess(MODEL, home / 'first', env)
     assert result.returncode == 0, result.stderr
     assert hub.count('GET', REPO_ID, 'model.safetensors') == gets_before + 1
+    assert 'model.safetensors: 100%' in result.stderr  # huggingface_hub's own progress bar
     weights, logits = loaded_results(home / 'first')
     assert_same_weights(reference[0], weights)
     assert (logits == reference[1]).all()
