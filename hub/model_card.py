@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional
 from timm.models._hub import generate_readme
 
 from official_sources import OfficialSource
-from san_paper import CITATION, OFFICIAL_CODE_URL, PAPER_RESULTS, PAPER_URL
+from timm_san.paper import CITATION, OFFICIAL_CODE_URL, PAPER_RESULTS, PAPER_URL
 
 __all__ = ['model_card_text']
 

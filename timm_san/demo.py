@@ -11,10 +11,7 @@ import timm
 from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 
-PAPER_TOP1 = {
-    'san10_pairwise': 74.9, 'san10_patchwise': 77.1, 'san15_pairwise': 76.6,
-    'san15_patchwise': 78.0, 'san19_pairwise': 76.9, 'san19_patchwise': 78.2,
-}
+from .paper import PAPER_RESULTS
 
 
 def drawn_image(size: int = 320) -> Image.Image:
@@ -58,14 +55,16 @@ def run(model_names: List[str], image: Image.Image, pretrained: bool) -> List[di
             input=tuple(batch.shape),
             top_class=int(top_class), top_prob=float(top_prob),
             ms=elapsed * 1e3,
-            paper_top1=PAPER_TOP1.get(name),
+            paper_top1=PAPER_RESULTS[name].top1 if name in PAPER_RESULTS else None,
         ))
     return rows
 
 
 def format_table(rows: List[dict]) -> str:
-    header = '| model | params (M) | GMACs @224, conv+fc (measured) | input | top class (p) | forward (ms) | paper top-1 |'
-    lines = [header, '|' + '---|' * 7]
+    lines = [
+        '| model | params (M) | GMACs @224, conv+fc (measured) | input | top class (p) | forward (ms) | paper top-1 |',
+        '|' + '---|' * 7,
+    ]
     for r in rows:
         paper = f"{r['paper_top1']:.1f}" if r['paper_top1'] is not None else '-'
         lines.append(

@@ -24,8 +24,8 @@ from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, 
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .checkpoint import check_state_dict, checkpoint_filter_fn, explain_pretrained_errors, \
-    strip_data_parallel_prefix
+from .checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
+from .hub_errors import explain_pretrained_errors
 from .hub_ids import hf_hub_id
 from .sam import SA_TYPES, SelfAttention
 

@@ -1,7 +1,7 @@
 """ The paper's ImageNet figures for the six released SAN models
 
 Zhao, Jia, Koltun, "Exploring Self-attention for Image Recognition", CVPR 2020 (ImageNet val, 224 crop of
-a 256 resize). The one table the model cards and the README quote, so a figure is corrected here or nowhere.
+a 256 resize). The one table the demo and the model cards quote, so a figure is corrected here or nowhere.
 """
 from typing import Dict, NamedTuple
 
