@@ -255,6 +255,25 @@ def test_amp_bf16_ema_grad_checkpointing_and_resume(scripts, data, tmp_path):
     assert any(not torch.equal(after['state_dict'][k], checkpoint['state_dict'][k]) for k in checkpoint['state_dict'])
 
 
+def test_paper_recipe_flags(scripts, data, tmp_path):
+    # the README's ImageNet command, scaled down: its optimizer and schedule flags as they are
+    recipe = (
+        '--num-classes', '3', '--sched', 'cosine', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--min-lr', '0',
+        '--opt', 'momentum', '--momentum', '0.9', '--lr-base', '0.1', '--lr-base-size', '256',
+        '--lr-base-scale', 'linear', '--weight-decay', '1e-4', '--opt-kwargs', 'filter_bias_and_bn=False',
+        '--smoothing', '0.1', '--scale', '0.08', '1.0', '--hflip', '0.5', '--color-jitter', '0',
+        '--train-interpolation', 'bilinear')
+    folder, log = _train(scripts, data, str(tmp_path), 'recipe', *recipe)
+    assert 'criterion=LabelSmoothingCrossEntropy' in log
+    optimizer = torch.load(os.path.join(folder, 'last.pth.tar'), map_location='cpu', weights_only=False)['optimizer']
+    # SGD without Nesterov, weight decay on every parameter (one group), 0.1 scaled to the global batch of 2
+    groups = optimizer['param_groups']
+    assert len(groups) == 1 and groups[0]['weight_decay'] == 1e-4
+    assert groups[0]['momentum'] == 0.9 and groups[0]['nesterov'] is False
+    assert groups[0]['initial_lr'] == pytest.approx(0.1 * 2 / 256)
+    assert len(groups[0]['params']) == len(list(timm.create_model(MODEL, num_classes=3).parameters()))
+
+
 @pytest.mark.skipif(not os.environ.get('TIMM_SAN_TEST_COMPILE'), reason='set TIMM_SAN_TEST_COMPILE=1: inductor '
                     'compiles SAN for minutes on CPU')
 def test_torchcompile(scripts, data, tmp_path):
