@@ -83,11 +83,18 @@ def _run(command: List[str], cwd: str, timeout: int = 900) -> Tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def _train(scripts: str, data: str, output: str, name: str, *args: str, size: int = IMG_SIZE) -> Tuple[str, str]:
-    """timm's train.py for one epoch with SAN (``--device-modules timm_san``); its output folder and log."""
+def _train(
+        scripts: str, data: str, output: str, name: str, *args: str, size: int = IMG_SIZE, launcher: bool = False,
+) -> Tuple[str, str]:
+    """timm's train.py for one epoch with SAN; its output folder and log.
+
+    The models are registered by ``--device-modules timm_san``, or with ``launcher`` by ``timm-san run``.
+    """
+    registration = ['-m', 'timm_san', 'run', os.path.join(scripts, 'train.py')] if launcher else [
+        os.path.join(scripts, 'train.py'), '--device-modules', 'timm_san']
     command = [
-        sys.executable, os.path.join(scripts, 'train.py'), '--data-dir', data, '--model', MODEL,
-        '--device-modules', 'timm_san', '--device', 'cpu', '--input-size', '3', str(size), str(size),
+        sys.executable, *registration, '--data-dir', data, '--model', MODEL,
+        '--device', 'cpu', '--input-size', '3', str(size), str(size),
         '-b', '2', '--epochs', '1', '--workers', '0', '--seed', '0', '--log-interval', '1',
         '--output', output, '--experiment', name, *args]
     rc, log = _run(command, cwd=output)
@@ -256,14 +263,15 @@ def test_amp_bf16_ema_grad_checkpointing_and_resume(scripts, data, tmp_path):
 
 
 def test_paper_recipe_flags(scripts, data, tmp_path):
-    # the README's ImageNet command, scaled down: its optimizer and schedule flags as they are
+    # the README's ImageNet command, scaled down: its optimizer and schedule flags as they are; through the
+    # launcher (no --device-modules), which the README says works for train.py too
     recipe = (
         '--num-classes', '3', '--sched', 'cosine', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--min-lr', '0',
         '--opt', 'momentum', '--momentum', '0.9', '--lr-base', '0.1', '--lr-base-size', '256',
         '--lr-base-scale', 'linear', '--weight-decay', '1e-4', '--opt-kwargs', 'filter_bias_and_bn=False',
         '--smoothing', '0.1', '--scale', '0.08', '1.0', '--hflip', '0.5', '--color-jitter', '0',
         '--train-interpolation', 'bilinear')
-    folder, log = _train(scripts, data, str(tmp_path), 'recipe', *recipe)
+    folder, log = _train(scripts, data, str(tmp_path), 'recipe', *recipe, launcher=True)
     assert 'criterion=LabelSmoothingCrossEntropy' in log
     optimizer = torch.load(os.path.join(folder, 'last.pth.tar'), map_location='cpu', weights_only=False)['optimizer']
     # SGD without Nesterov, weight decay on every parameter (one group), 0.1 scaled to the global batch of 2
