@@ -3,14 +3,23 @@
 "Exploring Self-attention for Image Recognition", Zhao, Jia, Koltun, CVPR 2020 (https://arxiv.org/abs/2004.13621)
 
 Submodule names (``conv1``, ``conv2``, ``conv3``, ``conv_w.N``, ``conv_p``) are those of the official release,
-so its checkpoints load as they are. The attention arithmetic lives in ``timm_san.ops``.
+so its checkpoints load as they are. The attention arithmetic lives in ``timm_san.ops`` and ``timm_san.ops_fused``.
+
+Three ways through the same arithmetic, chosen per call:
+    * eval (``not self.training``), BatchNorm + ReLU mapping: the fused operators of ``timm_san.ops_fused``
+      (BatchNorms folded into fixed affine maps, relation built a few footprint rows at a time);
+    * training with autograd: the attention (weights and aggregation) is recomputed in backward instead of
+      keeping its ``k * k``-fold intermediates; BatchNorm running statistics are updated once per forward;
+    * otherwise (TorchScript; training under FX tracing, torch.compile or without autograd): the plain operators.
 """
 from typing import Type
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .ops import aggregation, footprint, position_grid, subtraction, subtraction2
+from .ops_fused import pairwise_weights, patchwise_weights
 
 __all__ = ['SelfAttention', 'SA_TYPES']
 
@@ -64,6 +73,8 @@ class SelfAttention(nn.Module):
             raise ValueError(f'out_planes ({out_planes}) must be divisible by share_planes ({share_planes}).')
         self.sa_type = sa_type
         self.kernel_size = kernel_size
+        # training: recompute the attention in backward rather than keep its k * k-fold intermediates
+        self.recompute = True
         weight_planes = out_planes // share_planes
         num_offsets = kernel_size * kernel_size
 
@@ -94,10 +105,12 @@ class SelfAttention(nn.Module):
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights of shape ``(B, out_planes // share_planes, k * k, H * W)``."""
-        batch, _, height, width = x.shape
-        x1, x2 = self.conv1(x), self.conv2(x)
+        return self._weights(self.conv1(x), self.conv2(x))
+
+    def _weights(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x1.shape
         if self.conv_p is not None:
-            pos = subtraction(self.conv_p(position_grid(x)), self.kernel_size)
+            pos = subtraction(self.conv_p(position_grid(x1)), self.kernel_size)
             relation = torch.cat([subtraction2(x1, x2, self.kernel_size), pos.expand(batch, -1, -1, -1)], dim=1)
             return torch.softmax(self.conv_w(relation), dim=2)
         # patchwise: channel-major (c * k * k + offset) footprint after the centre, as the official unfold
@@ -108,5 +121,63 @@ class SelfAttention(nn.Module):
         weight = self.conv_w(relation)
         return weight.reshape(batch, -1, self.kernel_size * self.kernel_size, height * width)
 
+    def _attend(self, x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        return aggregation(x3, self._weights(x1, x2), self.kernel_size)
+
+    def _fusable(self) -> bool:
+        """Whether the weight mapping is the BatchNorm / ReLU / 1x1 conv stack the fused operators fold."""
+        layers = list(self.conv_w)
+        return (
+            len(layers) == 6
+            and all(type(layers[i]) is nn.BatchNorm2d and layers[i].running_mean is not None for i in (0, 3))
+            and all(type(layers[i]) is nn.ReLU for i in (1, 4))
+            and all(type(layers[i]) is nn.Conv2d for i in (2, 5))
+        )
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.conv1(x), self.conv2(x)
+        bn1, conv1, bn2, conv2 = self.conv_w[0], self.conv_w[2], self.conv_w[3], self.conv_w[5]
+        mapping = [
+            bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, conv1.weight, conv1.bias,
+            bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, conv2.weight, conv2.bias,
+        ]
+        if self.conv_p is not None:
+            position = self.conv_p(position_grid(x1))
+            weights = pairwise_weights(x1, x2, position, mapping, bn1.eps, bn2.eps, self.kernel_size)
+        else:
+            weights = patchwise_weights(x1, x2, mapping, bn1.eps, bn2.eps, self.kernel_size)
+        return aggregation(self.conv3(x), weights, self.kernel_size)
+
+    def _forward_recompute(self, x: torch.Tensor) -> torch.Tensor:
+        calls = [0]
+
+        def attend(x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            if calls[0] == 1:
+                return self._attend(x1, x2, x3)
+            # the recomputation in backward must not move the BatchNorm running statistics a second time
+            buffers = [b for b in self.conv_w.buffers()]
+            saved = [b.clone() for b in buffers]
+            try:
+                return self._attend(x1, x2, x3)
+            finally:
+                with torch.no_grad():
+                    for b, s in zip(buffers, saved):
+                        b.copy_(s)
+
+        return torch.utils.checkpoint.checkpoint(
+            attend, self.conv1(x), self.conv2(x), self.conv3(x), use_reentrant=False, preserve_rng_state=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return aggregation(self.conv3(x), self.attention_weights(x), self.kernel_size)
+        if not torch.jit.is_scripting():
+            if not self.training:
+                if self._fusable():
+                    return self._forward_fused(x)
+            elif self.recompute and torch.is_grad_enabled() and not _tracing():
+                return self._forward_recompute(x)
+        return self._attend(self.conv1(x), self.conv2(x), self.conv3(x))
+
+
+def _tracing() -> bool:
+    """FX and torch.compile see the plain training path (the compiler decides on recomputation itself)."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_compiling()

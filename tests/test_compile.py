@@ -1,0 +1,37 @@
+"""torch.compile sees SAN without graph breaks, eval and training, and the compiled module computes the same."""
+import pytest
+import torch
+import timm
+
+import timm_san  # noqa: F401
+from timm_san.sam import SelfAttention
+
+
+def _graph_breaks(fn, *args) -> int:
+    torch._dynamo.reset()
+    return torch._dynamo.explain(fn)(*args).graph_break_count
+
+
+@pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
+@pytest.mark.parametrize('train', [False, True])
+def test_sam_has_no_graph_breaks(sa_type, train):
+    module = SelfAttention(sa_type, 32, 4, 16, share_planes=8, kernel_size=7).train(train)
+    x = torch.randn(2, 32, 9, 8, requires_grad=train)
+    assert _graph_breaks(module, x) == 0
+
+
+def test_whole_model_has_no_graph_breaks_in_eval():
+    model = timm.create_model('san10_pairwise', num_classes=10).eval()
+    with torch.no_grad():
+        assert _graph_breaks(model, torch.randn(1, 3, 32, 32)) == 0
+
+
+@pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
+def test_compiled_sam_matches_eager(sa_type):
+    torch._dynamo.reset()
+    module = SelfAttention(sa_type, 16, 2, 8, share_planes=4, kernel_size=3).eval()
+    x = torch.randn(2, 16, 6, 5)
+    with torch.no_grad():
+        expected = module(x)
+        compiled = torch.compile(module, backend='eager')(x)
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)
