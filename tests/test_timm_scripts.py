@@ -85,6 +85,7 @@ def _run(command: List[str], cwd: str, timeout: int = 900) -> Tuple[int, str]:
 
 def _train(
         scripts: str, data: str, output: str, name: str, *args: str, size: int = IMG_SIZE, launcher: bool = False,
+        timeout: int = 900,
 ) -> Tuple[str, str]:
     """timm's train.py for one epoch with SAN; its output folder and log.
 
@@ -97,7 +98,7 @@ def _train(
         '--device', 'cpu', '--input-size', '3', str(size), str(size),
         '-b', '2', '--epochs', '1', '--workers', '0', '--seed', '0', '--log-interval', '1',
         '--output', output, '--experiment', name, *args]
-    rc, log = _run(command, cwd=output)
+    rc, log = _run(command, cwd=output, timeout=timeout)
     assert rc == 0, log
     return os.path.join(output, name), log
 
@@ -282,9 +283,11 @@ def test_paper_recipe_flags(scripts, data, tmp_path):
     assert len(groups[0]['params']) == len(list(timm.create_model(MODEL, num_classes=3).parameters()))
 
 
-@pytest.mark.skipif(not os.environ.get('TIMM_SAN_TEST_COMPILE'), reason='set TIMM_SAN_TEST_COMPILE=1: inductor '
-                    'compiles SAN for minutes on CPU')
+@pytest.mark.skipif(not os.environ.get('TIMM_SAN_TEST_COMPILE'), reason='set TIMM_SAN_TEST_COMPILE=1 to try '
+                    'train.py --torchcompile on CPU (Inductor took over 15 minutes on the training step; see README)')
 def test_torchcompile(scripts, data, tmp_path):
-    folder, log = _train(scripts, data, str(tmp_path), 'compiled', '--num-classes', '3', '--torchcompile')
+    # training step and evaluation (train.py compiles the model it validates with, too)
+    folder, log = _train(
+        scripts, data, str(tmp_path), 'compiled', '--num-classes', '3', '--torchcompile', size=EVAL_SIZE, timeout=3600)
     assert 'Compiling task components with backend=inductor' in log
     assert [row['epoch'] for row in _summary(folder)] == ['0']
