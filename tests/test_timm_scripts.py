@@ -284,7 +284,7 @@ def test_paper_recipe_flags(scripts, data, tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get('TIMM_SAN_TEST_COMPILE'), reason='set TIMM_SAN_TEST_COMPILE=1 to try '
-                    'train.py --torchcompile on CPU (Inductor took over 15 minutes on the training step; see README)')
+                    'train.py --torchcompile on CPU (Inductor took over 30 minutes on the training step; see README)')
 def test_torchcompile(scripts, data, tmp_path):
     # training step and evaluation (train.py compiles the model it validates with, too)
     folder, log = _train(
