@@ -23,7 +23,9 @@ __all__ = ['pairwise_weights', 'patchwise_weights', 'fold_mapping', 'offset_chun
 _CHUNK_ELEMENTS = 1 << 18
 
 
-def offset_chunks(batch: int, planes: int, kernel_size: int, spatial: int) -> Tuple[int, int]:
+def offset_chunks(
+        batch: int, planes: int, kernel_size: int, spatial: int, chunk_elements: int = _CHUNK_ELEMENTS,
+) -> Tuple[int, int]:
     """How many samples and footprint rows one chunk of a ``(B, planes, k, k, H * W)`` relation holds.
 
     Args:
@@ -31,16 +33,17 @@ def offset_chunks(batch: int, planes: int, kernel_size: int, spatial: int) -> Tu
         planes: Relation channels.
         kernel_size: Footprint side ``k``.
         spatial: ``H * W``.
+        chunk_elements: Elements one chunk may hold (a default argument: TorchScript reads no global ints).
 
     Returns:
         ``(samples, rows)``: whole footprint rows per chunk, and more than one sample only once a chunk
         holds every row.
     """
     row = max(1, planes * kernel_size * spatial)
-    rows = max(1, min(kernel_size, _CHUNK_ELEMENTS // row))
+    rows = max(1, min(kernel_size, chunk_elements // row))
     samples = 1
     if rows == kernel_size:
-        samples = max(1, min(batch, _CHUNK_ELEMENTS // (row * kernel_size)))
+        samples = max(1, min(batch, chunk_elements // (row * kernel_size)))
     return samples, rows
 
 

@@ -11,12 +11,15 @@ Three ways through the same arithmetic, chosen per call:
     * training with autograd: the attention (weights and aggregation) is recomputed in backward instead of
       keeping its ``k * k``-fold intermediates; BatchNorm running statistics are updated once per forward;
     * otherwise (TorchScript; training under FX tracing, torch.compile or without autograd): the plain operators.
+A module built under ``timm.set_scriptable(True)`` takes the plain operators always, so that a graph FX traces
+from it still scripts (timm's convention, as ``use_fused_attn()`` for its attention layers).
 """
 from typing import Type
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from timm.layers import is_scriptable
 
 from .ops import aggregation, footprint, position_grid, subtraction, subtraction2
 from .ops_fused import pairwise_weights, patchwise_weights
@@ -75,6 +78,8 @@ class SelfAttention(nn.Module):
         self.kernel_size = kernel_size
         # training: recompute the attention in backward rather than keep its k * k-fold intermediates
         self.recompute = True
+        # eval: the fused operators, unless the model is meant to be scripted (they are Python-only)
+        self.fused = not is_scriptable()
         weight_planes = out_planes // share_planes
         num_offsets = kernel_size * kernel_size
 
@@ -171,7 +176,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if not self.training:
-                if self._fusable():
+                if self.fused and self._fusable():
                     return self._forward_fused(x)
             elif self.recompute and torch.is_grad_enabled() and not _tracing():
                 return self._forward_recompute(x)
