@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import timm
+from timm.models.resnet import Bottleneck, ResNet
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timm_san  # noqa: F401,E402  (registers the SAN models)
@@ -38,7 +39,12 @@ DEFAULT_MODELS = (
 
 
 def create(name: str) -> nn.Module:
-    """A timm model, or ``unfold:<san model>`` for the unfold baseline with that model's initial weights."""
+    """A timm model, ``resnet38``, or ``unfold:<san model>`` for the unfold baseline with that model's weights.
+
+    timm has no ResNet38; this one is timm's ResNet with the paper's ResNet38 stages (2, 3, 5, 2 bottlenecks).
+    """
+    if name == 'resnet38':
+        return ResNet(block=Bottleneck, layers=(2, 3, 5, 2))
     if name.startswith('unfold:'):
         san_name = name.split(':', 1)[1]
         model = unfold_model(san_name)
@@ -202,8 +208,10 @@ def main() -> None:
     print(f'torch {torch.__version__}, timm {timm.__version__}, {hardware}; 224px, eval inference at batch 8 and 1, '
           f'training step at batch {args.train_batch}; median of {args.rounds} interleaved rounds\n')
     for label, dtype in precisions:
+        load_before = os.getloadavg()[0]
         rows = run(args, device, dtype)
-        print(f'### {args.device} {label}\n')
+        load = f'load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after'
+        print(f'### {args.device} {label} ({load}; a load above the thread count means a shared, noisy run)\n')
         print(table(rows, args.reference, args.train_batch))
         print()
         print(speedups(rows))
