@@ -23,8 +23,16 @@ def _plain(module: SelfAttention, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(params=[1 << 18, 300], ids=['default-chunks', 'tiny-chunks'])
 def chunk_elements(request, monkeypatch):
     """Run with the default chunking and with chunks of one footprint row of one sample."""
-    monkeypatch.setattr(ops_fused, '_CHUNK_ELEMENTS', request.param)
-    return request.param
+    original = ops_fused.offset_chunks
+    sizes = []
+
+    def chunks(batch: int, planes: int, kernel_size: int, spatial: int):
+        sizes.append(original(batch, planes, kernel_size, spatial, request.param))
+        return sizes[-1]
+
+    monkeypatch.setattr(ops_fused, 'offset_chunks', chunks)
+    yield request.param
+    assert sizes  # the chunking under test was really the one taken
 
 
 @pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
