@@ -100,9 +100,10 @@ def _relation_chunk(
         centre: torch.Tensor, windows: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``relu(centre - windows)``, or ``relu(centre + windows * scale)`` given a scale, in contiguous layout.
 
-    Broadcasting against the overlapping window view would otherwise pick a permuted output layout.
+    Broadcasting against the overlapping window view would otherwise pick a permuted output layout. Under autograd
+    and torch.compile (whose out= handling keeps that layout) the result is made contiguous instead.
     """
-    if _needs_grad(centre, windows) or (scale is not None and _needs_grad(scale)):
+    if torch.compiler.is_compiling() or _needs_grad(centre, windows) or (scale is not None and _needs_grad(scale)):
         relation = centre - windows if scale is None else torch.addcmul(centre, windows, scale)
         return relation.contiguous().relu_()
     shape = torch.broadcast_shapes(centre.shape, windows.shape)
@@ -165,7 +166,7 @@ def pairwise_weights(
             row_end = min(row + rows, k)
             num = end - start
             relation = _relation_chunk(centre[start:end], windows[start:end, :, row:row_end])
-            hidden = torch.matmul(weight1_rel, relation.view(num, planes, -1))
+            hidden = torch.matmul(weight1_rel, relation.reshape(num, planes, -1))
             hidden = hidden.view(num, planes, row_end - row, k * spatial).add_(pos_hidden[:, row:row_end]).relu_()
             chunk = torch.matmul(weight2, hidden.view(num, planes, -1)).add_(bias2.view(1, -1, 1))
             logits[start:end, :, row:row_end] = chunk.view(num, weight_planes, row_end - row, k * spatial)
@@ -222,7 +223,7 @@ def patchwise_weights(
             row_end = min(row + rows, k)
             relation = _relation_chunk(
                 foot_shift[:, :, row:row_end], windows[start:end, :, row:row_end], foot_scale[:, :, row:row_end])
-            relation = relation.view(end - start, -1, spatial)
+            relation = relation.reshape(end - start, -1, spatial)
             acc = acc + torch.matmul(row_weights[index], relation)
         chunks.append(acc)
     hidden = torch.cat(chunks, dim=0).relu_() if len(chunks) > 1 else chunks[0].relu_()
