@@ -353,8 +353,8 @@ def _cfg(**kwargs) -> Dict[str, Any]:
         'crop_pct': 0.875, 'interpolation': 'bilinear',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'conv_in', 'classifier': 'fc',
-        'license': 'mit', 'paper_ids': 'arXiv:2004.13621', 'paper_name': 'Exploring Self-attention for Image Recognition',
-        'origin_url': 'https://github.com/hszhao/SAN',
+        'license': 'mit', 'origin_url': 'https://github.com/hszhao/SAN',
+        'paper_ids': 'arXiv:2004.13621', 'paper_name': 'Exploring Self-attention for Image Recognition',
         **kwargs,
     }
 
