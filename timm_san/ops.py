@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 __all__ = [
-    'reflect_index', 'reflect_pad', 'footprint', 'subtraction', 'subtraction2', 'aggregation', 'position_grid',
+    'check_kernel_size', 'reflect_index', 'reflect_pad', 'footprint', 'subtraction', 'subtraction2', 'aggregation',
+    'position_grid',
     'footprint_view', 'reflect_pad_backward', 'footprint_backward',
 ]
 
@@ -32,7 +33,8 @@ __all__ = [
 _CACHE_ELEMENTS = 1 << 18
 
 
-def _check_kernel_size(kernel_size: int) -> None:
+def check_kernel_size(kernel_size: int) -> None:
+    """Refuse a footprint side the operators cannot centre (even or not positive)."""
     if kernel_size < 1 or kernel_size % 2 != 1:
         raise ValueError(f'kernel_size must be a positive odd number, got {kernel_size}.')
 
@@ -297,7 +299,7 @@ def footprint(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
         Tensor of shape ``(B, C, k * k, H * W)``; ``[:, c, kh * k + kw, h * W + w]`` holds
         ``x[:, c, h + kh - k // 2, w + kw - k // 2]`` with reflection at the borders.
     """
-    _check_kernel_size(kernel_size)
+    check_kernel_size(kernel_size)
     if torch.jit.is_scripting():
         return _footprint(x, kernel_size)
     return _FootprintFn.apply(x, kernel_size)
@@ -314,7 +316,7 @@ def subtraction(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     Returns:
         Tensor of shape ``(B, C, k * k, H * W)``.
     """
-    _check_kernel_size(kernel_size)
+    check_kernel_size(kernel_size)
     if x.dim() != 4:
         raise ValueError(f'subtraction needs a 4-D tensor (B, C, H, W), got {list(x.shape)}.')
     if torch.jit.is_scripting():
@@ -334,7 +336,7 @@ def subtraction2(x1: torch.Tensor, x2: torch.Tensor, kernel_size: int) -> torch.
     Returns:
         Tensor of shape ``(B, C, k * k, H * W)``.
     """
-    _check_kernel_size(kernel_size)
+    check_kernel_size(kernel_size)
     if x1.dim() != 4 or x1.shape != x2.shape:
         raise ValueError(
             f'subtraction2 needs two 4-D tensors of one shape (B, C, H, W), got {list(x1.shape)} and '
@@ -358,7 +360,7 @@ def aggregation(x: torch.Tensor, weight: torch.Tensor, kernel_size: int) -> torc
     Returns:
         Tensor of shape ``(B, C, H, W)``.
     """
-    _check_kernel_size(kernel_size)
+    check_kernel_size(kernel_size)
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(
             f'aggregation needs x (B, C, H, W) and weight (B, Cw, k*k, H*W), got {list(x.shape)} and '

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from timm.layers import is_scriptable
 
-from .ops import aggregation, footprint, position_grid, subtraction, subtraction2
+from .ops import aggregation, check_kernel_size, footprint, position_grid, subtraction, subtraction2
 from .ops_fused import pairwise_weights, patchwise_weights
 
 __all__ = ['SelfAttention', 'SA_TYPES']
@@ -70,8 +70,7 @@ class SelfAttention(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         if sa_type not in SA_TYPES:
             raise ValueError(f'sa_type must be one of {SA_TYPES}, got {sa_type!r}.')
-        if kernel_size < 1 or kernel_size % 2 != 1:
-            raise ValueError(f'kernel_size must be a positive odd number, got {kernel_size}.')
+        check_kernel_size(kernel_size)
         if out_planes % share_planes != 0:
             raise ValueError(f'out_planes ({out_planes}) must be divisible by share_planes ({share_planes}).')
         self.sa_type = sa_type
