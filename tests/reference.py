@@ -205,8 +205,8 @@ def _neighbours(x: torch.Tensor, k: int, pad_fn: PadFn) -> torch.Tensor:
 
 
 def _official_position(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    loc_w = torch.linspace(-1.0, 1.0, width, dtype=like.dtype).unsqueeze(0).repeat(height, 1)
-    loc_h = torch.linspace(-1.0, 1.0, height, dtype=like.dtype).unsqueeze(1).repeat(1, width)
+    loc_w = torch.linspace(-1.0, 1.0, width, dtype=like.dtype, device=like.device).unsqueeze(0).repeat(height, 1)
+    loc_h = torch.linspace(-1.0, 1.0, height, dtype=like.dtype, device=like.device).unsqueeze(1).repeat(1, width)
     return torch.cat([loc_w.unsqueeze(0), loc_h.unsqueeze(0)], 0).unsqueeze(0)
 
 
