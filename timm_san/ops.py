@@ -15,13 +15,20 @@ repeated (the map is mirrored back and forth without repeating its edge, period 
 one pixel repeats that pixel). Wherever the official kernels are defined the two agree exactly.
 
 Every model-level call goes through these functions, so a faster kernel replaces one of them without
-touching the network.
+touching the network. On CUDA, the autograd Functions behind ``footprint``, ``subtraction``, ``subtraction2``
+and ``aggregation`` run the Triton kernels of ``timm_san.ops_triton`` forward and backward (one launch per
+operator instead of ``k * k``, same results) where ``ops_triton.usable`` allows: Triton importable, CUDA tensors
+of float32, float16, bfloat16 or float64, not traced (``torch.compile``, whose Inductor fuses the PyTorch code
+itself, or ``torch.jit.trace``) and not switched off (``TIMM_SAN_TRITON=0``, ``ops_triton.ENABLED = False``).
+TorchScript and every other case run the PyTorch code below.
 """
 from typing import List
 
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
+
+from . import ops_triton
 
 __all__ = [
     'check_kernel_size', 'reflect_index', 'reflect_pad', 'footprint', 'subtraction', 'subtraction2', 'aggregation',
@@ -224,12 +231,17 @@ class _FootprintFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
-        ctx.kernel_size, ctx.size = kernel_size, (x.shape[-2], x.shape[-1])
+        ctx.kernel_size, ctx.size, ctx.dtype = kernel_size, (x.shape[-2], x.shape[-1]), x.dtype
+        if ops_triton.usable(x):
+            return ops_triton.footprint(x, kernel_size)
         return _footprint(x, kernel_size)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return footprint_backward(grad, ctx.size[0], ctx.size[1], ctx.kernel_size), None
+        height, width = ctx.size
+        if ops_triton.usable(grad):
+            return ops_triton.footprint_backward(grad, height, width, ctx.kernel_size, ctx.dtype), None
+        return footprint_backward(grad, height, width, ctx.kernel_size), None
 
 
 class _Subtraction2Fn(torch.autograd.Function):
@@ -237,13 +249,22 @@ class _Subtraction2Fn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x1: torch.Tensor, x2: torch.Tensor, kernel_size: int) -> torch.Tensor:
-        ctx.kernel_size, ctx.size = kernel_size, (x1.shape[-2], x1.shape[-1])
+        ctx.kernel_size, ctx.size, ctx.dtypes = kernel_size, (x1.shape[-2], x1.shape[-1]), (x1.dtype, x2.dtype)
+        if ops_triton.usable(x1, x2):
+            return ops_triton.subtraction2(x1, x2, kernel_size)
         return _subtraction2(x1, x2, kernel_size)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         height, width = ctx.size
         grad1 = grad2 = None
+        if ops_triton.usable(grad):
+            if ctx.needs_input_grad[0]:
+                grad1 = ops_triton.offset_sum(grad, height, width, ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:
+                grad2 = ops_triton.footprint_backward(
+                    grad, height, width, ctx.kernel_size, ctx.dtypes[1], negate=True)
+            return grad1, grad2, None
         if ctx.needs_input_grad[0]:
             grad1 = grad.sum(2).reshape(grad.shape[0], grad.shape[1], height, width)
         if ctx.needs_input_grad[1]:
@@ -256,12 +277,18 @@ class _SubtractionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel_size: int) -> torch.Tensor:
-        ctx.kernel_size, ctx.size = kernel_size, (x.shape[-2], x.shape[-1])
+        ctx.kernel_size, ctx.size, ctx.dtype = kernel_size, (x.shape[-2], x.shape[-1]), x.dtype
+        if ops_triton.usable(x):
+            return ops_triton.subtraction2(x, x, kernel_size)
         return _subtraction2(x, x, kernel_size)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         height, width = ctx.size
+        if ops_triton.usable(grad):
+            grad_x = ops_triton.footprint_backward(
+                grad, height, width, ctx.kernel_size, ctx.dtype, negate=True, centre=True)
+            return grad_x, None
         centre = grad.sum(2).reshape(grad.shape[0], grad.shape[1], height, width)
         return centre - footprint_backward(grad, height, width, ctx.kernel_size), None
 
@@ -273,11 +300,16 @@ class _AggregationFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
         ctx.kernel_size = kernel_size
         ctx.save_for_backward(x, weight)
+        if ops_triton.usable(x, weight):
+            return ops_triton.aggregation(x, weight, kernel_size)
         return _aggregation(x, weight, kernel_size)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
+        if ops_triton.usable(grad, x, weight):
+            return ops_triton.aggregation_backward(
+                grad, x, weight, ctx.kernel_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1]) + (None,)
         grad = grad.contiguous()
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:

@@ -1,0 +1,256 @@
+"""Triton kernels (timm_san.ops_triton) against the loop transcriptions of the official kernels, and their dispatch.
+
+With CUDA the kernel tests run the compiled kernels on the GPU, and the ``cuda_only`` tests check that the public
+operators really dispatch to them. Without CUDA the kernels run on CPU tensors under Triton's interpreter. Triton
+reads ``TRITON_INTERPRET`` when a function is decorated, and its own library functions (``tl.cdiv``, ``tl.sum``)
+are decorated when Triton is first imported, which ``import timm`` already does: so the interpreter cannot be
+turned on inside this session, and ``test_kernels_under_the_interpreter`` runs this file again in a subprocess
+with ``TRITON_INTERPRET=1``, leaving the rest of the session (torch.compile, Inductor) untouched.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from timm_san import ops, ops_triton
+from reference import (
+    _neighbours, aggregation_backward_loop, aggregation_loop, repeated_reflect_pad, subtraction2_backward_loop,
+    subtraction2_loop, subtraction_backward_loop, subtraction_loop,
+)
+
+pytest.importorskip('triton')
+
+CUDA = torch.cuda.is_available()
+INTERPRETER = os.environ.get('TRITON_INTERPRET', '0') == '1'
+cuda_only = pytest.mark.skipif(not CUDA, reason='needs CUDA (the compiled kernels and the dispatch)')
+kernels = pytest.mark.skipif(
+    not (CUDA or INTERPRETER), reason='without CUDA, test_kernels_under_the_interpreter runs these in a subprocess')
+
+# (k, H, W, batch): maps where one reflection suffices, and maps not longer than the padding (repeated
+# reflection: 3x4 with k = 7, 1xN, Nx1)
+DEFINED = [(3, 5, 6, 2), (5, 7, 7, 1), (7, 4, 5, 1)]
+SMALL = [(7, 3, 4, 1), (5, 1, 6, 2), (3, 4, 1, 1)]
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device('cuda' if CUDA else 'cpu')
+
+
+@pytest.mark.skipif(CUDA or INTERPRETER, reason='the kernel tests run in this session')
+def test_kernels_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    command = [sys.executable, '-m', 'pytest', __file__, '-q', '-x', '-p', 'no:cacheprovider']
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    assert ' passed' in proc.stdout and ' failed' not in proc.stdout
+
+
+def _rand(*shape, seed=0, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _close(actual: torch.Tensor, expected, atol=1e-12, rtol=0.0):
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(actual.cpu().double(), expected, atol=atol, rtol=rtol)
+
+
+def _footprint_grad_reference(top: torch.Tensor, shape, k: int) -> torch.Tensor:
+    """Gradient of the footprint gather on any map (the loop references fold only where one reflection is
+    defined): autograd of the reference's unfold over its index-by-index repeated reflection."""
+    x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    _neighbours(x, k, repeated_reflect_pad).backward(top)
+    return x.grad
+
+
+@pytest.mark.parametrize('k,h,w,batch', DEFINED + SMALL)
+@kernels
+def test_relations_forward(k, h, w, batch, device):
+    x1, x2 = _rand(batch, 8, h, w, seed=1), _rand(batch, 8, h, w, seed=2)
+    a, b = x1.numpy(), x2.numpy()
+    _close(ops_triton.subtraction2(x1.to(device), x2.to(device), k), subtraction2_loop(a, b, k, repeat_reflect=True))
+    _close(ops_triton.subtraction2(x2.to(device), x2.to(device), k), subtraction_loop(b, k, repeat_reflect=True))
+    # the footprint is the relation with a zero centre, negated
+    expected = -subtraction2_loop(np.zeros_like(b), b, k, repeat_reflect=True)
+    _close(ops_triton.footprint(x2.to(device), k), expected)
+
+
+@pytest.mark.parametrize('k,h,w,batch', DEFINED + SMALL)
+@kernels
+def test_relations_backward(k, h, w, batch, device):
+    shape = (batch, 8, h, w)
+    top = _rand(batch, 8, k * k, h * w, seed=3)
+    top_dev = top.to(device)
+    grad1 = ops_triton.offset_sum(top_dev, h, w, torch.float64)
+    grad2 = ops_triton.footprint_backward(top_dev, h, w, k, torch.float64, negate=True)
+    grad_self = ops_triton.footprint_backward(top_dev, h, w, k, torch.float64, negate=True, centre=True)
+    grad_footprint = ops_triton.footprint_backward(top_dev, h, w, k, torch.float64)
+    if (k, h, w, batch) in DEFINED:
+        ref1, ref2 = subtraction2_backward_loop(top.numpy(), shape, k)
+        ref_self = subtraction_backward_loop(top.numpy(), shape, k)
+    else:
+        ref2 = -_footprint_grad_reference(top, shape, k)
+        ref1 = top.sum(2).reshape(shape)
+        ref_self = ref1 + ref2
+    _close(grad1, ref1)
+    _close(grad2, ref2)
+    _close(grad_self, ref_self)
+    _close(grad_footprint, -torch.as_tensor(ref2))
+
+
+@kernels
+@pytest.mark.parametrize('k,h,w,batch,weight_channels', [
+    case + (weight_channels,) for case, weight_channels in zip(DEFINED + SMALL, [2, 4, 2, 4, 2, 4])])
+def test_aggregation_forward_and_backward(k, h, w, batch, weight_channels, device):
+    x, weight = _rand(batch, 8, h, w, seed=4), _rand(batch, weight_channels, k * k, h * w, seed=5)
+    top = _rand(batch, 8, h, w, seed=6)
+    out = ops_triton.aggregation(x.to(device), weight.to(device), k)
+    _close(out, aggregation_loop(x.numpy(), weight.numpy(), k, repeat_reflect=True))
+    grad_x, grad_weight = ops_triton.aggregation_backward(top.to(device), x.to(device), weight.to(device), k)
+    if (k, h, w, batch) in DEFINED:
+        ref_x, ref_weight = aggregation_backward_loop(top.numpy(), x.numpy(), weight.numpy(), k)
+    else:
+        # autograd of the reference's unfold aggregation (weight channel c % Cw), repeated reflection
+        xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        neighbours = _neighbours(xr, k, repeated_reflect_pad).view(batch, -1, weight_channels, k * k, h * w)
+        (wr.unsqueeze(1) * neighbours).sum(3).view(batch, 8, h, w).backward(top)
+        ref_x, ref_weight = xr.grad, wr.grad
+    _close(grad_x, ref_x)
+    _close(grad_weight, ref_weight)
+    only_x = ops_triton.aggregation_backward(top.to(device), x.to(device), weight.to(device), k, need_weight=False)
+    assert only_x[1] is None and torch.equal(only_x[0], grad_x)
+
+
+@kernels
+@pytest.mark.parametrize('dtype,weight_dtype', [
+    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_low_precision_matches_the_pytorch_operators(dtype, weight_dtype, device):
+    # bf16 autocast hands aggregation bf16 maps and float32 softmax weights: outputs and gradients keep the
+    # dtypes of their inputs; values agree with the PyTorch operators up to the rounding of the outputs
+    k, h, w, batch = 3, 5, 6, 3
+    x1, x2 = _rand(batch, 8, h, w, seed=1, dtype=dtype), _rand(batch, 8, h, w, seed=2, dtype=dtype)
+    weight = _rand(batch, 2, k * k, h * w, seed=3, dtype=weight_dtype) / k
+    top = _rand(batch, 8, k * k, h * w, seed=4, dtype=dtype)
+    top_agg = _rand(batch, 8, h, w, seed=5, dtype=dtype)
+    tol = dict(atol=2e-2, rtol=1e-2)
+
+    def check(actual, expected):
+        assert actual.dtype == expected.dtype
+        _close(actual, expected.double(), **tol)
+
+    dev = [t.to(device) for t in (x1, x2, weight, top, top_agg)]
+    check(ops_triton.subtraction2(dev[0], dev[1], k), ops._subtraction2(x1, x2, k))
+    check(ops_triton.footprint(dev[1], k), ops._footprint(x2, k))
+    check(ops_triton.aggregation(dev[1], dev[2], k), ops._aggregation(x2.double(), weight.double(), k).to(dtype))
+    check(ops_triton.offset_sum(dev[3], h, w, dtype), top.sum(2).reshape(batch, 8, h, w))
+    check(ops_triton.footprint_backward(dev[3], h, w, k, dtype, negate=True),
+          -ops.footprint_backward(top.double(), h, w, k).to(dtype))
+    grad_x, grad_weight = ops_triton.aggregation_backward(dev[4], dev[1], dev[2], k)
+    check(grad_x, ops._aggregation_input_grad(top_agg.double(), weight.double(), k).to(dtype))
+    check(grad_weight, ops._aggregation_weight_grad(x2.double(), top_agg.double(), 2, k).to(weight_dtype))
+
+
+@kernels
+def test_non_contiguous_inputs(device):
+    k, batch = 3, 2
+    x = _rand(batch, 8, 6, 7, seed=1).transpose(2, 3)  # (B, C, 7, 6) with swapped strides
+    weight = _rand(batch, 6 * 7, 4, k * k, seed=2).permute(0, 2, 3, 1)
+    top = _rand(batch, 8, 6, 7, seed=3).transpose(2, 3)
+    _close(ops_triton.aggregation(x.to(device), weight.to(device), k), ops._aggregation(x, weight, k))
+    _close(ops_triton.subtraction2(x.to(device), x.flip(1).to(device), k), ops._subtraction2(x, x.flip(1), k))
+    grad_x, grad_weight = ops_triton.aggregation_backward(top.to(device), x.to(device), weight.to(device), k)
+    _close(grad_x, ops._aggregation_input_grad(top.contiguous(), weight, k))
+    _close(grad_weight, ops._aggregation_weight_grad(x, top, 4, k))
+
+
+def test_cpu_tensors_take_the_pytorch_operators():
+    before = sum(ops_triton.CALLS.values())
+    x = _rand(1, 4, 5, 5).requires_grad_()
+    weight = _rand(1, 2, 9, 25).requires_grad_()
+    (ops.aggregation(x, weight, 3).sum() + ops.subtraction(x, 3).sum() + ops.footprint(x, 3).sum()).backward()
+    assert not ops_triton.usable(x, weight)
+    assert sum(ops_triton.CALLS.values()) == before
+
+
+def _public_calls(x1, x2, weight, k, upstream_dtype):
+    """Output and input gradients of every public operator, each on leaves of its own; the upstream gradients
+    are the same random values (rounded to ``upstream_dtype``) whatever the dtype of the inputs."""
+    calls = [
+        (ops.subtraction2, (x1, x2)), (ops.subtraction, (x2,)), (ops.footprint, (x1,)), (ops.aggregation, (x2, weight))]
+    results = []
+    for seed, (op, inputs) in enumerate(calls):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = op(*leaves, k)
+        out.backward(_rand(*out.shape, seed=seed).to(upstream_dtype).to(out))
+        results += [out.detach()] + [t.grad for t in leaves]
+    return results
+
+
+@cuda_only
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_public_operators_dispatch_to_triton_on_cuda(dtype, monkeypatch):
+    k, h, w = 7, 9, 11
+    x1, x2 = _rand(2, 16, h, w, seed=1).cuda().to(dtype), _rand(2, 16, h, w, seed=2).cuda().to(dtype)
+    weight = torch.softmax(_rand(2, 4, k * k, h * w, seed=3).cuda().float(), dim=2)  # float32, as under autocast
+    ops_triton.CALLS.clear()
+    triton_results = _public_calls(x1, x2, weight, k, dtype)
+    assert ops_triton.CALLS == {
+        'subtraction2': 2, 'footprint': 1, 'aggregation': 1, 'offset_sum': 1, 'footprint_backward': 3,
+        'aggregation_backward': 1}
+    monkeypatch.setenv('TIMM_SAN_TRITON', '0')
+    ops_triton.CALLS.clear()
+    torch_results = _public_calls(x1, x2, weight, k, dtype)
+    # values against float64: in bf16 the PyTorch operators round their accumulator at every offset, the kernels
+    # once at the end
+    reference = _public_calls(x1.double(), x2.double(), weight.double(), k, dtype)
+    assert not ops_triton.CALLS
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    for ours, theirs, exact in zip(triton_results, torch_results, reference):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours.double(), exact, **tol)
+
+
+@cuda_only
+def test_switch_and_compile_keep_the_pytorch_operators(monkeypatch):
+    x = _rand(2, 8, 6, 6).cuda().float()
+    weight = _rand(2, 2, 9, 36).cuda().float()
+    ops_triton.CALLS.clear()
+    monkeypatch.setattr(ops_triton, 'ENABLED', False)
+    ops.aggregation(x, weight, 3)
+    assert not ops_triton.CALLS
+    monkeypatch.setattr(ops_triton, 'ENABLED', True)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: ops.aggregation(a, b, 3), backend='eager')
+    torch.testing.assert_close(compiled(x, weight), ops._aggregation(x, weight, 3))
+    assert not ops_triton.CALLS
+    # a backward that is itself differentiated (create_graph) takes the differentiable PyTorch operators; the
+    # second backward, through the forward's node, may use the kernels again
+    second_order = []
+    for enabled in (True, False):
+        monkeypatch.setattr(ops_triton, 'ENABLED', enabled)
+        a, b = x.double().requires_grad_(), weight.double().requires_grad_()
+        grad_x, = torch.autograd.grad(ops.aggregation(a, b, 3).square().sum(), a, create_graph=True)
+        grad_x.square().sum().backward()
+        second_order.append(b.grad)
+    assert ops_triton.CALLS == {'aggregation': 1, 'aggregation_backward': 1}
+    torch.testing.assert_close(second_order[0], second_order[1], rtol=1e-10, atol=1e-10)
+
+
+@cuda_only
+def test_offsets_beyond_int32_on_cuda():
+    # a footprint of 2**31 + elements: the last channel must land where the PyTorch operator puts it
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2 ** 30:
+        pytest.skip('needs 24 GiB of GPU memory')
+    k, h, w, channels = 7, 64, 64, 10800  # 10800 * 49 * 4096 > 2**31
+    x = torch.randn(1, channels, h, w, device='cuda', dtype=torch.float16)
+    out = ops_triton.footprint(x, k)
+    torch.testing.assert_close(out[:, -2:], ops._footprint(x[:, -2:], k), rtol=0, atol=0)
+    del out
+    weight = torch.randn(1, channels, k * k, h * w, device='cuda', dtype=torch.float16)
+    out = ops_triton.aggregation(x, weight, k)
+    torch.testing.assert_close(
+        out[:, -2:].float(), ops._aggregation(x[:, -2:].float(), weight[:, -2:].float(), k), atol=2e-2, rtol=1e-2)
