@@ -131,9 +131,9 @@ def run(args: argparse.Namespace, device: torch.device, autocast: Optional[torch
     for round_index in range(args.rounds):
         for r in runners:
             t = times[r.name]
-            t['b8'].append(timed(lambda: r.infer(8), device))
-            t['b1'].append(timed(lambda: r.infer(1), device, repeat=args.b1_repeat))
-            t['train'].append(timed(r.train_step, device))
+            t['b8'].append(timed(lambda: r.infer(8), device, repeat=args.repeat))
+            t['b1'].append(timed(lambda: r.infer(1), device, repeat=args.b1_repeat * args.repeat))
+            t['train'].append(timed(r.train_step, device, repeat=args.repeat))
         print(f'  round {round_index + 1}/{args.rounds} done', file=sys.stderr, flush=True)
     rows = []
     for r in runners:
@@ -166,7 +166,7 @@ def table(rows: List[Dict[str, float]], reference: str, train_batch: int) -> str
             ratios = [f"{row['b8'] / ref['b8']:.2f}x", f"{row['train'] / ref['train']:.2f}x",
                       f"{row['peak'] / ref['peak']:.2f}x"]
         lines.append(
-            f"| {row['name']} | {row['b8']:.1f} | {row['b1']:.1f} | {row['train']:.2f} | {row['peak']:.0f} | "
+            f"| {row['name']} | {row['b8']:.1f} | {row['b1']:.1f} | {row['train']:.3f} | {row['peak']:.0f} | "
             + ' | '.join(ratios) + ' |')
     return '\n'.join(lines)
 
@@ -192,11 +192,16 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=2, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--rounds', type=int, default=3, help='interleaved rounds; medians are reported')
     parser.add_argument('--b1-repeat', type=int, default=4, help='batch-1 forwards per round')
+    parser.add_argument('--repeat', type=int, default=None,
+                        help='calls timed together per measurement (default 1 on CPU, 10 on CUDA, where one call '
+                             'takes milliseconds)')
     parser.add_argument('--train-batch', type=int, default=16)
     parser.add_argument('--reference', default='resnet26', help='model the ratios are taken against')
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if args.repeat is None:
+        args.repeat = 10 if device.type == 'cuda' else 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     precisions = [('fp32', None)]
