@@ -19,12 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, \
+from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, is_scriptable, \
     register_notrace_function
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
+from .eval_stem import pooled_stem
+from .fusable import eval_batch_norm, plain_conv1x1, plain_max_pool2x2, plain_relu
 from .hub_errors import explain_pretrained_errors
 from .hub_ids import hf_hub_id
 from .sam import SA_TYPES, SelfAttention
@@ -157,6 +159,8 @@ class SAN(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
+        # eval: fused stem and layers, unless the model is meant to be scripted (they are Python-only)
+        self.fused = not is_scriptable()
 
         self.conv_in = nn.Conv2d(in_chans, STAGE_WIDTHS[0], kernel_size=1, bias=False, **dd)
         self.bn_in = norm_layer(STAGE_WIDTHS[0], **dd)
@@ -280,10 +284,10 @@ class SAN(nn.Module):
         take_indices, max_index = feature_take_indices(NUM_STAGES, indices)
         intermediates = []
         check_input_size(x)
-        x = self.act_in(self.bn_in(self.conv_in(x)))
+        x = self._stem_pool(x)
         last = max_index if stop_early else NUM_STAGES - 1
         for i in range(last + 1):
-            for name in self._stage_names(i):
+            for name in self._stage_names(i)[int(i == 0):]:
                 x = getattr(self, name)(x)
             if i in take_indices:
                 intermediates.append(x)
@@ -315,10 +319,33 @@ class SAN(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _stem_fusable(self) -> bool:
+        """Whether this call may take the fused eval stem: standard modules, not compiling (Inductor fuses itself)."""
+        return (
+            self.fused
+            and not self.training
+            and not torch.compiler.is_compiling()
+            and plain_conv1x1(self.conv_in)
+            and eval_batch_norm(self.bn_in)
+            and plain_relu(self.act_in)
+            and plain_max_pool2x2(self.pool0)
+        )
+
+    def _stem_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem and stage 0's max-pool: ``pool0(act_in(bn_in(conv_in(x))))``."""
+        if not torch.jit.is_scripting():
+            if self._stem_fusable():
+                bn, mean = self.bn_in, self.bn_in.running_mean
+                if self.conv_in.bias is not None:
+                    # a conv bias only moves what the BatchNorm subtracts
+                    mean = mean - self.conv_in.bias
+                return pooled_stem(x, self.conv_in.weight, bn.weight, bn.bias, mean, bn.running_var, bn.eps)
+        return self.pool0(self.act_in(self.bn_in(self.conv_in(x))))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x)
-        x = self.act_in(self.bn_in(self.conv_in(x)))
-        x = self.act0(self.bn0(self.layer0(self.conv0(self.pool0(x)))))
+        x = self._stem_pool(x)
+        x = self.act0(self.bn0(self.layer0(self.conv0(x))))
         x = self.act1(self.bn1(self.layer1(self.conv1(self.pool1(x)))))
         x = self.act2(self.bn2(self.layer2(self.conv2(self.pool2(x)))))
         x = self.act3(self.bn3(self.layer3(self.conv3(self.pool3(x)))))
