@@ -92,6 +92,15 @@ def fold_mapping(mapping: List[Optional[torch.Tensor]], eps1: float, eps2: float
     return [scale, shift, weight1, bias1, weight2, bias2]
 
 
+def _bmm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight @ x[b]`` for every sample of ``x`` ``(B, K, N)``, as one batched matmul.
+
+    ``torch.matmul`` of a matrix with a batch folds the batch into a transposed ``(B * N, K)`` copy and returns a
+    transposed result that is copied again; a broadcast (stride 0) weight in ``bmm`` reads each sample in place.
+    """
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -166,9 +175,9 @@ def pairwise_weights(
             row_end = min(row + rows, k)
             num = end - start
             relation = _relation_chunk(centre[start:end], windows[start:end, :, row:row_end])
-            hidden = torch.matmul(weight1_rel, relation.reshape(num, planes, -1))
+            hidden = _bmm(weight1_rel, relation.reshape(num, planes, -1))
             hidden = hidden.view(num, planes, row_end - row, k * spatial).add_(pos_hidden[:, row:row_end]).relu_()
-            chunk = torch.matmul(weight2, hidden.view(num, planes, -1)).add_(bias2.view(1, -1, 1))
+            chunk = _bmm(weight2, hidden.view(num, planes, -1)).add_(bias2.view(1, -1, 1))
             logits[start:end, :, row:row_end] = chunk.view(num, weight_planes, row_end - row, k * spatial)
     logits = logits.view(batch, weight_planes, k * k, spatial)
     return torch.softmax(logits, dim=2)
@@ -205,7 +214,7 @@ def patchwise_weights(
     k, spatial = kernel_size, height * width
     weight_planes = weight1.shape[0]
     centre = torch.relu(x1 * scale[:planes].view(1, planes, 1, 1) + shift[:planes].view(1, planes, 1, 1))
-    hidden = torch.matmul(weight1[:, :planes], centre.reshape(batch, planes, spatial)).add_(bias1.view(1, -1, 1))
+    hidden = _bmm(weight1[:, :planes], centre.reshape(batch, planes, spatial)).add_(bias1.view(1, -1, 1))
 
     windows = footprint_view(reflect_pad(x2, k // 2), k)
     foot_scale = scale[planes:].view(1, planes, k, k, 1, 1)
@@ -224,8 +233,8 @@ def patchwise_weights(
             relation = _relation_chunk(
                 foot_shift[:, :, row:row_end], windows[start:end, :, row:row_end], foot_scale[:, :, row:row_end])
             relation = relation.reshape(end - start, -1, spatial)
-            acc = acc + torch.matmul(row_weights[index], relation)
+            acc = acc + _bmm(row_weights[index], relation)
         chunks.append(acc)
     hidden = torch.cat(chunks, dim=0).relu_() if len(chunks) > 1 else chunks[0].relu_()
-    weights = torch.matmul(weight2, hidden).add_(bias2.view(1, -1, 1))
+    weights = _bmm(weight2, hidden).add_(bias2.view(1, -1, 1))
     return weights.view(batch, weight_planes, k * k, spatial)
