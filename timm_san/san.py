@@ -25,6 +25,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from .checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
+from .eval_ops import conv1x1, max_pool2x2
 from .eval_stem import pooled_stem
 from .fusable import eval_batch_norm, plain_conv1x1, plain_max_pool2x2, plain_relu
 from .hub_errors import explain_pretrained_errors
@@ -287,8 +288,7 @@ class SAN(nn.Module):
         x = self._stem_pool(x)
         last = max_index if stop_early else NUM_STAGES - 1
         for i in range(last + 1):
-            for name in self._stage_names(i)[int(i == 0):]:
-                x = getattr(self, name)(x)
+            x = self._forward_stage(i, x)
             if i in take_indices:
                 intermediates.append(x)
         if intermediates_only:
@@ -319,22 +319,18 @@ class SAN(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
-    def _stem_fusable(self) -> bool:
-        """Whether this call may take the fused eval stem: standard modules, not compiling (Inductor fuses itself)."""
-        return (
-            self.fused
-            and not self.training
-            and not torch.compiler.is_compiling()
-            and plain_conv1x1(self.conv_in)
-            and eval_batch_norm(self.bn_in)
-            and plain_relu(self.act_in)
-            and plain_max_pool2x2(self.pool0)
-        )
+    def _eval_fused(self) -> bool:
+        """Whether this call may take the eval fusions (each still checks that its modules are the standard ones).
+
+        Not under torch.compile: Inductor fuses the plain modules itself.
+        """
+        return self.fused and not self.training and not torch.compiler.is_compiling()
 
     def _stem_pool(self, x: torch.Tensor) -> torch.Tensor:
         """The stem and stage 0's max-pool: ``pool0(act_in(bn_in(conv_in(x))))``."""
         if not torch.jit.is_scripting():
-            if self._stem_fusable():
+            if (self._eval_fused() and plain_conv1x1(self.conv_in) and eval_batch_norm(self.bn_in)
+                    and plain_relu(self.act_in) and plain_max_pool2x2(self.pool0)):
                 bn, mean = self.bn_in, self.bn_in.running_mean
                 if self.conv_in.bias is not None:
                     # a conv bias only moves what the BatchNorm subtracts
@@ -342,9 +338,23 @@ class SAN(nn.Module):
                 return pooled_stem(x, self.conv_in.weight, bn.weight, bn.bias, mean, bn.running_var, bn.eps)
         return self.pool0(self.act_in(self.bn_in(self.conv_in(x))))
 
+    def _forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``index`` after its pool (stage 0's is in ``_stem_pool``, others here): conv, layer, bn, act."""
+        pool, conv, layer, bn, act = [getattr(self, name) for name in self._stage_names(index)]
+        fuse = self._eval_fused()
+        if index > 0:
+            x = max_pool2x2(x) if fuse and plain_max_pool2x2(pool) else pool(x)
+        x = conv1x1(x, conv.weight, conv.bias) if fuse and plain_conv1x1(conv) else conv(x)
+        return act(bn(layer(x)))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x)
-        x = self._stem_pool(x)
+        if not torch.jit.is_scripting():
+            x = self._stem_pool(x)
+            for i in range(NUM_STAGES):
+                x = self._forward_stage(i, x)
+            return x
+        x = self.pool0(self.act_in(self.bn_in(self.conv_in(x))))
         x = self.act0(self.bn0(self.layer0(self.conv0(x))))
         x = self.act1(self.bn1(self.layer1(self.conv1(self.pool1(x)))))
         x = self.act2(self.bn2(self.layer2(self.conv2(self.pool2(x)))))
