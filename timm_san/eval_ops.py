@@ -5,16 +5,23 @@ two elementwise maxima of strided views; a 1x1 conv of a batch goes through oneD
 threads) or an im2col path (1 thread), where one batched matmul on the ``(B, C, H * W)`` view reads the map in
 place. These are taken in eval mode only; each equals its module up to float rounding.
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-__all__ = ['max_pool2x2', 'conv1x1', 'MATMUL_MIN_SPATIAL']
+__all__ = ['max_pool2x2', 'conv1x1', 'conv1x1_split', 'MATMUL_MIN_SPATIAL']
 
 # below this many pixels per map oneDNN's batched 1x1 conv beats per-sample matmuls (SAN's 7x7 last stage)
 MATMUL_MIN_SPATIAL = 100
+# 1x1 convs of one input are concatenated into one matmul only while the concatenated weights are at most this
+# fraction of the input map (reading the map once saves more than copying the weights costs)
+_CONCAT_MAX_WEIGHT_FRACTION = 1 / 8
+
+
+def _use_matmul(x: torch.Tensor) -> bool:
+    return x.device.type == 'cpu' and x.shape[-2] * x.shape[-1] >= MATMUL_MIN_SPATIAL
 
 
 @register_notrace_function
@@ -27,8 +34,8 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     Returns:
         Tensor of shape ``(B, C, H // 2, W // 2)``.
     """
-    if torch.is_grad_enabled() and x.requires_grad:
-        # the pool's own gradient (one winner per window; torch.maximum would split ties)
+    if x.device.type != 'cpu' or (torch.is_grad_enabled() and x.requires_grad):
+        # the pool's own gradient (one winner per window; torch.maximum would split ties); accelerators' own pool
         return F.max_pool2d(x, 2, 2)
     height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
     # row pairs first: both operands are runs of whole rows
@@ -54,12 +61,12 @@ def conv1x1(
     Returns:
         Tensor of shape ``(B, O, H, W)``.
     """
+    if not _use_matmul(x):
+        out = F.conv2d(x, weight, bias)
+        return out if residual is None else out.add_(residual)
     batch, planes, height, width = x.shape
     out_planes = weight.shape[0]
     spatial = height * width
-    if spatial < MATMUL_MIN_SPATIAL:
-        out = F.conv2d(x, weight, bias)
-        return out if residual is None else out.add_(residual)
     weight = weight.reshape(out_planes, planes).expand(batch, -1, -1)
     x = x.reshape(batch, planes, spatial)
     if residual is None:
@@ -72,3 +79,25 @@ def conv1x1(
         out = residual + bias.view(1, -1, 1) if bias is not None else residual.clone()
         out.baddbmm_(weight, x)
     return out.view(batch, out_planes, height, width)
+
+
+@register_notrace_function
+def conv1x1_split(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+    """Several 1x1 convs of one input, as one matmul with the concatenated weights where that pays.
+
+    Args:
+        x: Tensor of shape ``(B, C, H, W)``.
+        weights: Conv weights ``(O_i, C, 1, 1)``.
+        biases: Conv biases ``(O_i,)``, each or None.
+
+    Returns:
+        ``conv2d(x, weights[i], biases[i])`` for each i; with one matmul these are channel slices of its output.
+    """
+    sizes = [w.shape[0] for w in weights]
+    batch, spatial = x.shape[0], x.shape[-2] * x.shape[-1]
+    if len(weights) < 2 or not _use_matmul(x) or sum(sizes) > _CONCAT_MAX_WEIGHT_FRACTION * batch * spatial:
+        return [conv1x1(x, w, b) for w, b in zip(weights, biases)]
+    bias: Optional[torch.Tensor] = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
+    return list(conv1x1(x, torch.cat(weights), bias).split(sizes, dim=1))

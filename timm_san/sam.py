@@ -14,13 +14,15 @@ Three ways through the same arithmetic, chosen per call:
 A module built under ``timm.set_scriptable(True)`` takes the plain operators always, so that a graph FX traces
 from it still scripts (timm's convention, as ``use_fused_attn()`` for its attention layers).
 """
-from typing import Type
+from typing import Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from timm.layers import is_scriptable
 
+from .eval_ops import conv1x1_split
+from .fusable import plain_conv1x1
 from .ops import aggregation, check_kernel_size, footprint, position_grid, subtraction, subtraction2
 from .ops_fused import pairwise_weights, patchwise_weights
 
@@ -138,8 +140,16 @@ class SelfAttention(nn.Module):
             and all(type(layers[i]) is nn.Conv2d for i in (2, 5))
         )
 
+    def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``conv1(x), conv2(x), conv3(x)``, as one matmul on CPU where the modules are plain 1x1 convs."""
+        convs = (self.conv1, self.conv2, self.conv3)
+        if all(plain_conv1x1(c) for c in convs):
+            x1, x2, x3 = conv1x1_split(x, [c.weight for c in convs], [c.bias for c in convs])
+            return x1, x2, x3
+        return self.conv1(x), self.conv2(x), self.conv3(x)
+
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.conv1(x), self.conv2(x)
+        x1, x2, x3 = self._project(x)
         bn1, conv1, bn2, conv2 = self.conv_w[0], self.conv_w[2], self.conv_w[3], self.conv_w[5]
         mapping = [
             bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, conv1.weight, conv1.bias,
@@ -150,7 +160,7 @@ class SelfAttention(nn.Module):
             weights = pairwise_weights(x1, x2, position, mapping, bn1.eps, bn2.eps, self.kernel_size)
         else:
             weights = patchwise_weights(x1, x2, mapping, bn1.eps, bn2.eps, self.kernel_size)
-        return aggregation(self.conv3(x), weights, self.kernel_size)
+        return aggregation(x3, weights, self.kernel_size)
 
     def _forward_recompute(self, x: torch.Tensor) -> torch.Tensor:
         calls = [0]
