@@ -9,8 +9,9 @@ runs instead.
 from typing import Tuple, Union
 
 import torch.nn as nn
+from timm.layers import DropPath
 
-__all__ = ['plain_conv1x1', 'eval_batch_norm', 'plain_relu', 'plain_max_pool2x2']
+__all__ = ['plain_conv1x1', 'eval_batch_norm', 'plain_relu', 'plain_max_pool2x2', 'identity_in_eval']
 
 
 def _pair(value: Union[int, Tuple[int, ...]]) -> Tuple[int, ...]:
@@ -63,3 +64,7 @@ def plain_max_pool2x2(module: nn.Module) -> bool:
         and not module.return_indices
     )
 
+
+def identity_in_eval(module: nn.Module) -> bool:
+    """An ``nn.Identity``, or a ``DropPath`` in eval mode (which returns its input)."""
+    return _unhooked(module) and (type(module) is nn.Identity or (type(module) is DropPath and not module.training))

@@ -27,7 +27,7 @@ from timm.models._features import feature_take_indices
 from .checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
 from .eval_ops import conv1x1, max_pool2x2
 from .eval_stem import pooled_stem
-from .fusable import eval_batch_norm, plain_conv1x1, plain_max_pool2x2, plain_relu
+from .fusable import eval_batch_norm, identity_in_eval, plain_conv1x1, plain_max_pool2x2, plain_relu
 from .hub_errors import explain_pretrained_errors
 from .hub_ids import hf_hub_id
 from .sam import SA_TYPES, SelfAttention
@@ -87,8 +87,24 @@ class SanBottleneck(nn.Module):
         self.conv = nn.Conv2d(mid_planes, planes, kernel_size=1, **dd)
         self.act = act_layer(inplace=True)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        # eval: the last conv and the residual add as one matmul, unless the model is meant to be scripted
+        self.fused = not is_scriptable()
+
+    def _residual_fusable(self) -> bool:
+        """Whether this eval call may compute ``conv`` and the residual add as one matmul accumulating on ``x``."""
+        return (
+            self.fused
+            and not self.training
+            and not torch.compiler.is_compiling()
+            and plain_conv1x1(self.conv)
+            and identity_in_eval(self.drop_path)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self._residual_fusable():
+                out = self.act(self.bn2(self.sam(self.act(self.bn1(x)))))
+                return conv1x1(out, self.conv.weight, self.conv.bias, residual=x)
         out = self.act(self.bn1(x))
         out = self.act(self.bn2(self.sam(out)))
         out = self.conv(out)
