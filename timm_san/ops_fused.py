@@ -6,6 +6,10 @@ strided view of the padded map, pushed through both 1x1 layers while it is still
 ``(B, Cw, k * k, H * W)`` weights are written out. The unfused path materialises the ``(B, C_rel, k * k, H * W)``
 relation and every intermediate of the mapping.
 
+``pairwise_attention`` / ``patchwise_attention`` go one step further for the module's forward: weights and
+aggregation of a few samples at a time on CPU, so each sample's weights are consumed while still in cache and no
+weights tensor of the whole batch (tens of MB at 56 x 56, fresh pages from the OS on every call) is allocated.
+
 The results equal the unfused operators up to float rounding (the affine maps are folded into the
 neighbouring layers and the first layer's sum is accumulated chunk by chunk). Everything here is made of
 differentiable PyTorch ops, so gradients through an eval-mode model still work.
@@ -13,14 +17,22 @@ differentiable PyTorch ops, so gradients through an eval-mode model still work.
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-from .ops import footprint_view, reflect_pad
+from .ops import aggregation, footprint_view, reflect_pad
 
-__all__ = ['pairwise_weights', 'patchwise_weights', 'fold_mapping', 'offset_chunks']
+__all__ = [
+    'pairwise_weights', 'patchwise_weights', 'pairwise_attention', 'patchwise_attention', 'fold_mapping',
+    'offset_chunks',
+]
 
 # elements of one chunk's relation buffer: small enough to stay in a core's L2 cache
 _CHUNK_ELEMENTS = 1 << 18
+# on a GPU every chunk costs kernel launches: the whole batch in one chunk
+_DEVICE_CHUNK_ELEMENTS = 1 << 27
+# elements of the attention weights of one sample chunk in pairwise_attention / patchwise_attention (CPU)
+_ATTENTION_CHUNK_ELEMENTS = 1 << 20
 
 
 def offset_chunks(
@@ -45,6 +57,18 @@ def offset_chunks(
     if rows == kernel_size:
         samples = max(1, min(batch, chunk_elements // (row * kernel_size)))
     return samples, rows
+
+
+def _chunk_elements(x: torch.Tensor) -> int:
+    return _CHUNK_ELEMENTS if x.device.type == 'cpu' else _DEVICE_CHUNK_ELEMENTS
+
+
+def _attention_samples(x: torch.Tensor, per_sample: int) -> int:
+    """Samples per chunk of ``*_attention``: the whole batch off CPU and under torch.compile."""
+    batch = x.shape[0]
+    if x.device.type != 'cpu' or torch.compiler.is_compiling():
+        return batch
+    return max(1, min(batch, _ATTENTION_CHUNK_ELEMENTS // max(1, per_sample)))
 
 
 def _bn_affine(
@@ -124,6 +148,49 @@ def _relation_chunk(
     return relation.relu_()
 
 
+def _position_hidden(
+        position: torch.Tensor, folded: List[torch.Tensor], planes: int, kernel_size: int) -> torch.Tensor:
+    """The position relation's share of the first layer (with its bias): ``(R, k, k * H * W)``, for every sample."""
+    scale, shift, weight1, bias1 = folded[0], folded[1], folded[2], folded[3]
+    k, pad = kernel_size, kernel_size // 2
+    height, width = position.shape[-2], position.shape[-1]
+    pos_scale, pos_shift = scale[planes:].view(1, 2, 1, 1), shift[planes:].view(1, 2, 1, 1)
+    pos_centre = (position * pos_scale + pos_shift).reshape(1, 2, 1, 1, height, width)
+    pos_relation = torch.relu(pos_centre - footprint_view(reflect_pad(position * pos_scale, pad), k))
+    pos_hidden = torch.addmm(bias1.view(-1, 1), weight1[:, planes:], pos_relation.reshape(2, k * k * height * width))
+    return pos_hidden.view(planes, k, k * height * width)
+
+
+def _pairwise_weights(
+        x1: torch.Tensor, x2: torch.Tensor, pos_hidden: torch.Tensor, folded: List[torch.Tensor], kernel_size: int,
+) -> torch.Tensor:
+    scale, shift, weight1, weight2, bias2 = folded[0], folded[1], folded[2], folded[4], folded[5]
+    batch, planes, height, width = x1.shape
+    k, pad, spatial = kernel_size, kernel_size // 2, height * width
+    weight_planes = weight2.shape[0]
+    # BN(x1[c] - x2[n]) = (scale * x1 + shift)[c] - (scale * x2)[n]: the affine map costs H * W, not k * k * H * W
+    rel_scale, rel_shift = scale[:planes].view(1, planes, 1, 1), shift[:planes].view(1, planes, 1, 1)
+    centre = (x1 * rel_scale + rel_shift).reshape(batch, planes, 1, 1, height, width)
+    windows = footprint_view(reflect_pad(x2 * rel_scale, pad), k)
+    weight1_rel = weight1[:, :planes].contiguous()
+
+    samples, rows = offset_chunks(batch, planes, k, spatial, _chunk_elements(x1))
+    logits = x1.new_empty((batch, weight_planes, k, k * spatial))
+    for start in range(0, batch, samples):
+        end = min(start + samples, batch)
+        for row in range(0, k, rows):
+            row_end = min(row + rows, k)
+            num = end - start
+            relation = _relation_chunk(centre[start:end], windows[start:end, :, row:row_end])
+            # the position share (and bias) is the matmul's accumulator
+            pos = pos_hidden[:, row:row_end].reshape(1, planes, -1)
+            hidden = torch.baddbmm(pos, weight1_rel.expand(num, -1, -1), relation.reshape(num, planes, -1)).relu_()
+            chunk = _bmm(weight2, hidden).add_(bias2.view(1, -1, 1))
+            logits[start:end, :, row:row_end] = chunk.view(num, weight_planes, row_end - row, k * spatial)
+    logits = logits.view(batch, weight_planes, k * k, spatial)
+    return torch.softmax(logits, dim=2)
+
+
 @register_notrace_function
 def pairwise_weights(
         x1: torch.Tensor,
@@ -151,36 +218,47 @@ def pairwise_weights(
     Returns:
         Weights of shape ``(B, Cw, k * k, H * W)``, summing to one over the footprint.
     """
-    scale, shift, weight1, bias1, weight2, bias2 = fold_mapping(mapping, eps1, eps2)
-    batch, planes, height, width = x1.shape
-    k, pad, spatial = kernel_size, kernel_size // 2, height * width
-    weight_planes = weight2.shape[0]
-    # BN(x1[c] - x2[n]) = (scale * x1 + shift)[c] - (scale * x2)[n]: the affine map costs H * W, not k * k * H * W
-    rel_scale, rel_shift = scale[:planes].view(1, planes, 1, 1), shift[:planes].view(1, planes, 1, 1)
-    centre = (x1 * rel_scale + rel_shift).reshape(batch, planes, 1, 1, height, width)
-    windows = footprint_view(reflect_pad(x2 * rel_scale, pad), k)
-    # the position relation is the same for every sample: its share of the first layer is computed once
-    pos_scale, pos_shift = scale[planes:].view(1, 2, 1, 1), shift[planes:].view(1, 2, 1, 1)
-    pos_centre = (position * pos_scale + pos_shift).reshape(1, 2, 1, 1, height, width)
-    pos_relation = torch.relu(pos_centre - footprint_view(reflect_pad(position * pos_scale, pad), k))
-    pos_hidden = torch.addmm(bias1.view(-1, 1), weight1[:, planes:], pos_relation.reshape(2, k * k * spatial))
-    pos_hidden = pos_hidden.view(planes, k, k * spatial)
-    weight1_rel = weight1[:, :planes].contiguous()
+    folded = fold_mapping(mapping, eps1, eps2)
+    pos_hidden = _position_hidden(position, folded, x1.shape[1], kernel_size)
+    return _pairwise_weights(x1, x2, pos_hidden, folded, kernel_size)
 
-    samples, rows = offset_chunks(batch, planes, k, spatial)
-    logits = x1.new_empty((batch, weight_planes, k, k * spatial))
+
+def _patchwise_weights(
+        x1: torch.Tensor, x2: torch.Tensor, folded: List[torch.Tensor], kernel_size: int) -> torch.Tensor:
+    scale, shift, weight1, bias1, weight2, bias2 = folded
+    batch, planes, height, width = x1.shape
+    k, spatial = kernel_size, height * width
+    weight_planes = weight1.shape[0]
+    centre = torch.relu(x1 * scale[:planes].view(1, planes, 1, 1) + shift[:planes].view(1, planes, 1, 1))
+    hidden = torch.baddbmm(
+        bias1.view(1, -1, 1), weight1[:, :planes].expand(batch, -1, -1), centre.reshape(batch, planes, spatial))
+
+    windows = footprint_view(reflect_pad(x2, k // 2), k)
+    foot_scale = scale[planes:].view(1, planes, k, k, 1, 1)
+    foot_shift = shift[planes:].view(1, planes, k, k, 1, 1)
+    foot_weight = weight1[:, planes:].reshape(weight_planes, planes, k, k)
+    samples, rows = offset_chunks(batch, planes, k, spatial, _chunk_elements(x1))
+    row_weights: List[torch.Tensor] = []
+    for row in range(0, k, rows):
+        row_weights.append(foot_weight[:, :, row:min(row + rows, k)].reshape(weight_planes, -1))
+    # without autograd the footprint's share accumulates into hidden in place; with it, out of place
+    in_place = not _needs_grad(hidden, x2, scale, shift, weight1)
+    chunks: List[torch.Tensor] = []
     for start in range(0, batch, samples):
         end = min(start + samples, batch)
-        for row in range(0, k, rows):
+        acc = hidden[start:end]
+        for index, row in enumerate(range(0, k, rows)):
             row_end = min(row + rows, k)
-            num = end - start
-            relation = _relation_chunk(centre[start:end], windows[start:end, :, row:row_end])
-            hidden = _bmm(weight1_rel, relation.reshape(num, planes, -1))
-            hidden = hidden.view(num, planes, row_end - row, k * spatial).add_(pos_hidden[:, row:row_end]).relu_()
-            chunk = _bmm(weight2, hidden.view(num, planes, -1)).add_(bias2.view(1, -1, 1))
-            logits[start:end, :, row:row_end] = chunk.view(num, weight_planes, row_end - row, k * spatial)
-    logits = logits.view(batch, weight_planes, k * k, spatial)
-    return torch.softmax(logits, dim=2)
+            relation = _relation_chunk(
+                foot_shift[:, :, row:row_end], windows[start:end, :, row:row_end], foot_scale[:, :, row:row_end])
+            relation = relation.reshape(end - start, -1, spatial)
+            row_weight = row_weights[index].expand(end - start, -1, -1)
+            acc = acc.baddbmm_(row_weight, relation) if in_place else torch.baddbmm(acc, row_weight, relation)
+        chunks.append(acc)
+    if not in_place:
+        hidden = torch.cat(chunks, dim=0) if len(chunks) > 1 else chunks[0]
+    weights = _bmm(weight2, hidden.relu_()).add_(bias2.view(1, -1, 1))
+    return weights.view(batch, weight_planes, k * k, spatial)
 
 
 @register_notrace_function
@@ -209,32 +287,105 @@ def patchwise_weights(
     Returns:
         Weights of shape ``(B, Cw, k * k, H * W)``.
     """
-    scale, shift, weight1, bias1, weight2, bias2 = fold_mapping(mapping, eps1, eps2)
-    batch, planes, height, width = x1.shape
-    k, spatial = kernel_size, height * width
-    weight_planes = weight1.shape[0]
-    centre = torch.relu(x1 * scale[:planes].view(1, planes, 1, 1) + shift[:planes].view(1, planes, 1, 1))
-    hidden = _bmm(weight1[:, :planes], centre.reshape(batch, planes, spatial)).add_(bias1.view(1, -1, 1))
+    return _patchwise_weights(x1, x2, fold_mapping(mapping, eps1, eps2), kernel_size)
 
-    windows = footprint_view(reflect_pad(x2, k // 2), k)
-    foot_scale = scale[planes:].view(1, planes, k, k, 1, 1)
-    foot_shift = shift[planes:].view(1, planes, k, k, 1, 1)
-    foot_weight = weight1[:, planes:].reshape(weight_planes, planes, k, k)
-    samples, rows = offset_chunks(batch, planes, k, spatial)
-    row_weights: List[torch.Tensor] = []
-    for row in range(0, k, rows):
-        row_weights.append(foot_weight[:, :, row:min(row + rows, k)].reshape(weight_planes, -1))
-    chunks: List[torch.Tensor] = []
-    for start in range(0, batch, samples):
-        end = min(start + samples, batch)
-        acc = hidden[start:end]
-        for index, row in enumerate(range(0, k, rows)):
-            row_end = min(row + rows, k)
-            relation = _relation_chunk(
-                foot_shift[:, :, row:row_end], windows[start:end, :, row:row_end], foot_scale[:, :, row:row_end])
-            relation = relation.reshape(end - start, -1, spatial)
-            acc = acc + _bmm(row_weights[index], relation)
-        chunks.append(acc)
-    hidden = torch.cat(chunks, dim=0).relu_() if len(chunks) > 1 else chunks[0].relu_()
-    weights = _bmm(weight2, hidden).add_(bias2.view(1, -1, 1))
-    return weights.view(batch, weight_planes, k * k, spatial)
+
+def _attend_chunk(
+        x3: torch.Tensor,
+        weights: torch.Tensor,
+        kernel_size: int,
+        out_norm: Optional[List[Optional[torch.Tensor]]],
+        out_eps: float,
+) -> torch.Tensor:
+    out = aggregation(x3, weights, kernel_size)
+    if out_norm is None:
+        return out
+    # the block's BatchNorm and ReLU while the chunk is in cache: the module path's arithmetic, chunk by chunk
+    norm_weight, norm_bias, running_mean, running_var = out_norm
+    assert running_mean is not None and running_var is not None
+    return F.batch_norm(out, running_mean, running_var, norm_weight, norm_bias, False, 0., out_eps).relu_()
+
+
+@register_notrace_function
+def pairwise_attention(
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        x3: torch.Tensor,
+        position: torch.Tensor,
+        mapping: List[Optional[torch.Tensor]],
+        eps1: float,
+        eps2: float,
+        kernel_size: int,
+        out_norm: Optional[List[Optional[torch.Tensor]]] = None,
+        out_eps: float = 1e-5,
+) -> torch.Tensor:
+    """``aggregation(x3, pairwise_weights(x1, x2, position, ...))``, a few samples at a time on CPU.
+
+    Args:
+        x1: Centre map ``(B, R, H, W)`` (conv1 output).
+        x2: Neighbour map ``(B, R, H, W)`` (conv2 output).
+        x3: Aggregated map ``(B, C, H, W)`` (conv3 output).
+        position: Position encoding ``(1, 2, H, W)`` (conv_p output).
+        mapping: The eval-mode weight mapping's tensors, as ``pairwise_weights`` takes them.
+        eps1: First BatchNorm's epsilon.
+        eps2: Second BatchNorm's epsilon.
+        kernel_size: Footprint side ``k`` (odd).
+        out_norm: ``[weight, bias, running_mean, running_var]`` of an eval BatchNorm: return
+            ``relu(batch_norm(out))`` instead, applied chunk by chunk.
+        out_eps: That BatchNorm's epsilon.
+
+    Returns:
+        Tensor of shape ``(B, C, H, W)``.
+    """
+    folded = fold_mapping(mapping, eps1, eps2)
+    pos_hidden = _position_hidden(position, folded, x1.shape[1], kernel_size)
+    per_sample = folded[4].shape[0] * kernel_size * kernel_size * x1.shape[2] * x1.shape[3]
+    step = _attention_samples(x1, per_sample)
+    chunks = [
+        _attend_chunk(
+            x3[start:start + step],
+            _pairwise_weights(x1[start:start + step], x2[start:start + step], pos_hidden, folded, kernel_size),
+            kernel_size, out_norm, out_eps)
+        for start in range(0, x1.shape[0], step)]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+@register_notrace_function
+def patchwise_attention(
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        x3: torch.Tensor,
+        mapping: List[Optional[torch.Tensor]],
+        eps1: float,
+        eps2: float,
+        kernel_size: int,
+        out_norm: Optional[List[Optional[torch.Tensor]]] = None,
+        out_eps: float = 1e-5,
+) -> torch.Tensor:
+    """``aggregation(x3, patchwise_weights(x1, x2, ...))``, a few samples at a time on CPU.
+
+    Args:
+        x1: Centre map ``(B, R, H, W)`` (conv1 output).
+        x2: Footprint map ``(B, R, H, W)`` (conv2 output).
+        x3: Aggregated map ``(B, C, H, W)`` (conv3 output).
+        mapping: The eval-mode weight mapping's tensors, as ``patchwise_weights`` takes them.
+        eps1: First BatchNorm's epsilon.
+        eps2: Second BatchNorm's epsilon.
+        kernel_size: Footprint side ``k`` (odd).
+        out_norm: ``[weight, bias, running_mean, running_var]`` of an eval BatchNorm: return
+            ``relu(batch_norm(out))`` instead, applied chunk by chunk.
+        out_eps: That BatchNorm's epsilon.
+
+    Returns:
+        Tensor of shape ``(B, C, H, W)``.
+    """
+    folded = fold_mapping(mapping, eps1, eps2)
+    per_sample = folded[2].shape[0] * kernel_size * kernel_size * x1.shape[2] * x1.shape[3]
+    step = _attention_samples(x1, per_sample)
+    chunks = [
+        _attend_chunk(
+            x3[start:start + step],
+            _patchwise_weights(x1[start:start + step], x2[start:start + step], folded, kernel_size),
+            kernel_size, out_norm, out_eps)
+        for start in range(0, x1.shape[0], step)]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)

@@ -49,6 +49,10 @@ def check_input_size(x: torch.Tensor, min_size: int = 32) -> None:
             f'with a 2x2 max-pool), got {height}x{width}. Resize or pad the images.')
 
 
+def _fx_tracing() -> bool:
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 class SanBottleneck(nn.Module):
     """Pre-activation bottleneck: BN, act, SAM (width -> width / 4), BN, act, 1x1 conv back to width, + identity."""
 
@@ -103,7 +107,12 @@ class SanBottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if self._residual_fusable():
-                out = self.act(self.bn2(self.sam(self.act(self.bn1(x)))))
+                out = self.act(self.bn1(x))
+                # FX traces through module calls only: the traced graph keeps sam and bn2 as they are
+                if eval_batch_norm(self.bn2) and plain_relu(self.act) and not _fx_tracing():
+                    out = self.sam.forward_norm_relu(out, self.bn2)
+                else:
+                    out = self.act(self.bn2(self.sam(out)))
                 return conv1x1(out, self.conv.weight, self.conv.bias, residual=x)
         out = self.act(self.bn1(x))
         out = self.act(self.bn2(self.sam(out)))
