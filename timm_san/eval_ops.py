@@ -82,7 +82,8 @@ def conv1x1(
 
 
 @register_notrace_function
-def conv1x1_split(x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+def conv1x1_split(
+        x: torch.Tensor, weights: List[torch.Tensor], biases: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
     """Several 1x1 convs of one input, as one matmul with the concatenated weights where that pays.
 
     Args:
