@@ -38,6 +38,12 @@ NUM_STAGES = 5
 STAGE_WIDTHS = (64, 256, 512, 1024, 2048)
 STAGE_KERNELS = (3, 7, 7, 7, 7)
 
+# eval on CPU: the stem and the leading stages whose maps hold at least _SPLIT_MIN_STAGE_ELEMENTS per sample run on
+# chunks of samples whose stage-0 map holds about _SPLIT_ELEMENTS (two samples at 224px), so that a chunk's maps
+# stay in cache from one layer to the next; the small late stages keep the whole batch for their matmuls
+_SPLIT_ELEMENTS = 1 << 21
+_SPLIT_MIN_STAGE_ELEMENTS = 1 << 18
+
 
 @register_notrace_function
 def check_input_size(x: torch.Tensor, min_size: int = 32) -> None:
@@ -308,14 +314,9 @@ class SAN(nn.Module):
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}.")
         take_indices, max_index = feature_take_indices(NUM_STAGES, indices)
-        intermediates = []
         check_input_size(x)
-        x = self._stem_pool(x)
         last = max_index if stop_early else NUM_STAGES - 1
-        for i in range(last + 1):
-            x = self._forward_stage(i, x)
-            if i in take_indices:
-                intermediates.append(x)
+        x, intermediates = self._forward_stages(x, last, take_indices)
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -372,13 +373,48 @@ class SAN(nn.Module):
         x = conv1x1(x, conv.weight, conv.bias) if fuse and plain_conv1x1(conv) else conv(x)
         return act(bn(layer(x)))
 
+    def _split_plan(self, x: torch.Tensor, last: int) -> Tuple[int, int]:
+        """``(samples per chunk, leading stages run chunk by chunk)`` for ``_forward_stages``; ``0`` stages: none."""
+        batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
+        if _fx_tracing() or x.device.type != 'cpu' or not self._eval_fused():
+            return batch, 0
+        stages = 0
+        while stages <= last and STAGE_WIDTHS[stages] * (height >> stages + 1) * (width >> stages + 1) >= \
+                _SPLIT_MIN_STAGE_ELEMENTS:
+            stages += 1
+        samples = max(1, _SPLIT_ELEMENTS // max(1, STAGE_WIDTHS[0] * (height // 2) * (width // 2)))
+        return samples, (stages if samples < batch else 0)
+
+    def _forward_stages(
+            self, x: torch.Tensor, last: int, take_indices: List[int]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Stem and stages ``0..last``, and the outputs of the stages in ``take_indices``."""
+        samples, split = self._split_plan(x, last)
+        intermediates: List[torch.Tensor] = []
+        if split:
+            # every layer is per sample in eval: chunks of the batch go through the early stages one after another
+            chunks, chunk_intermediates = [], []
+            for start in range(0, x.shape[0], samples):
+                y, taken = self._stem_pool(x[start:start + samples]), []
+                for i in range(split):
+                    y = self._forward_stage(i, y)
+                    if i in take_indices:
+                        taken.append(y)
+                chunks.append(y)
+                chunk_intermediates.append(taken)
+            x = torch.cat(chunks)
+            intermediates = [torch.cat(parts) for parts in zip(*chunk_intermediates)]
+        else:
+            x = self._stem_pool(x)
+        for i in range(split, last + 1):
+            x = self._forward_stage(i, x)
+            if i in take_indices:
+                intermediates.append(x)
+        return x, intermediates
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x)
         if not torch.jit.is_scripting():
-            x = self._stem_pool(x)
-            for i in range(NUM_STAGES):
-                x = self._forward_stage(i, x)
-            return x
+            return self._forward_stages(x, NUM_STAGES - 1, [])[0]
         x = self.pool0(self.act_in(self.bn_in(self.conv_in(x))))
         x = self.act0(self.bn0(self.layer0(self.conv0(x))))
         x = self.act1(self.bn1(self.layer1(self.conv1(self.pool1(x)))))
