@@ -202,23 +202,27 @@ def _relation_chunk(
     return relation.relu_()
 
 
-def _position_hidden(
+def _position_rows(
         position: torch.Tensor, folded: List[torch.Tensor], planes: int, kernel_size: int) -> torch.Tensor:
-    """The position relation's share of the first layer (with its bias): ``(R, k, k * H * W)``, for every sample."""
-    scale, shift, weight1, bias1 = folded[0], folded[1], folded[2], folded[3]
+    """The first layer's input rows shared by every sample: the position relation and a row of ones.
+
+    ``relu(scale * (p - p[nbr]) + shift)`` for the two position channels, then ones that carry the first layer's
+    bias through its matmul: ``(3, k, k * H * W)``.
+    """
+    scale, shift = folded[0], folded[1]
     k, pad = kernel_size, kernel_size // 2
     height, width = position.shape[-2], position.shape[-1]
     pos_scale, pos_shift = scale[planes:].view(1, 2, 1, 1), shift[planes:].view(1, 2, 1, 1)
     pos_centre = (position * pos_scale + pos_shift).reshape(1, 2, 1, 1, height, width)
     pos_relation = torch.relu(pos_centre - footprint_view(reflect_pad(position * pos_scale, pad), k))
-    pos_hidden = torch.addmm(bias1.view(-1, 1), weight1[:, planes:], pos_relation.reshape(2, k * k * height * width))
-    return pos_hidden.view(planes, k, k * height * width)
+    ones = pos_relation.new_ones((1, 1, k, k, height, width))
+    return torch.cat([pos_relation, ones], dim=1).view(3, k, k * height * width)
 
 
 def _pairwise_weights(
-        x1: torch.Tensor, x2: torch.Tensor, pos_hidden: torch.Tensor, folded: List[torch.Tensor], kernel_size: int,
+        x1: torch.Tensor, x2: torch.Tensor, pos_rows: torch.Tensor, folded: List[torch.Tensor], kernel_size: int,
 ) -> torch.Tensor:
-    scale, shift, weight1, weight2, bias2 = folded[0], folded[1], folded[2], folded[4], folded[5]
+    scale, shift, weight1, bias1, weight2, bias2 = folded
     batch, planes, height, width = x1.shape
     k, pad, spatial = kernel_size, kernel_size // 2, height * width
     weight_planes = weight2.shape[0]
@@ -226,21 +230,37 @@ def _pairwise_weights(
     rel_scale, rel_shift = scale[:planes].view(1, planes, 1, 1), shift[:planes].view(1, planes, 1, 1)
     centre = (x1 * rel_scale + rel_shift).reshape(batch, planes, 1, 1, height, width)
     windows = footprint_view(reflect_pad(x2 * rel_scale, pad), k)
-    weight1_rel = weight1[:, :planes].contiguous()
+    # one matmul over [relation; position relation; ones] with [W1_rel, W1_pos, b1]
+    weight1 = torch.cat([weight1, bias1.view(-1, 1)], dim=1)
+    # without autograd (or the compiler) every chunk is written in place: relation rows into one buffer, the
+    # logits straight into their slice of the output
+    in_place = not (torch.compiler.is_compiling() or _needs_grad(x1, x2, pos_rows, weight1, weight2, bias2))
 
     samples, rows = offset_chunks(batch, planes, k, spatial, _chunk_elements(x1))
     logits = x1.new_empty((batch, weight_planes, k, k * spatial))
     for start in range(0, batch, samples):
         end = min(start + samples, batch)
+        num = end - start
         for row in range(0, k, rows):
             row_end = min(row + rows, k)
-            num = end - start
-            relation = _relation_chunk(centre[start:end], windows[start:end, :, row:row_end])
-            # the position share (and bias) is the matmul's accumulator
-            pos = pos_hidden[:, row:row_end].reshape(1, planes, -1)
-            hidden = torch.baddbmm(pos, weight1_rel.expand(num, -1, -1), relation.reshape(num, planes, -1)).relu_()
-            chunk = _bmm(weight2, hidden).add_(bias2.view(1, -1, 1))
-            logits[start:end, :, row:row_end] = chunk.view(num, weight_planes, row_end - row, k * spatial)
+            if in_place:
+                relation = x1.new_empty((num, planes + 3, row_end - row, k * spatial))
+                diff = relation[:, :planes].view(num, planes, row_end - row, k, height, width)
+                torch.sub(centre[start:end], windows[start:end, :, row:row_end], out=diff).relu_()
+                relation[:, planes:] = pos_rows[:, row:row_end]
+            else:
+                relation = torch.cat([
+                    _relation_chunk(centre[start:end], windows[start:end, :, row:row_end]).reshape(
+                        num, planes, row_end - row, k * spatial),
+                    pos_rows[:, row:row_end].expand(num, -1, -1, -1),
+                ], dim=1)
+            hidden = _bmm(weight1, relation.view(num, planes + 3, -1)).relu_()
+            if in_place:
+                out = logits[start:end, :, row:row_end].view(num, weight_planes, -1)
+                torch.baddbmm(bias2.view(1, -1, 1), weight2.expand(num, -1, -1), hidden, out=out)
+            else:
+                chunk = _bmm(weight2, hidden).add_(bias2.view(1, -1, 1))
+                logits[start:end, :, row:row_end] = chunk.view(num, weight_planes, row_end - row, k * spatial)
     logits = logits.view(batch, weight_planes, k * k, spatial)
     return torch.softmax(logits, dim=2)
 
@@ -273,8 +293,8 @@ def pairwise_weights(
         Weights of shape ``(B, Cw, k * k, H * W)``, summing to one over the footprint.
     """
     folded = fold_mapping(mapping, eps1, eps2)
-    pos_hidden = _position_hidden(position, folded, x1.shape[1], kernel_size)
-    return _pairwise_weights(x1, x2, pos_hidden, folded, kernel_size)
+    pos_rows = _position_rows(position, folded, x1.shape[1], kernel_size)
+    return _pairwise_weights(x1, x2, pos_rows, folded, kernel_size)
 
 
 def _patchwise_weights(
@@ -398,14 +418,14 @@ def pairwise_attention(
         Tensor of shape ``(B, C, H, W)``.
     """
     folded = fold_mapping(mapping, eps1, eps2)
-    pos_hidden = _position_hidden(position, folded, x1.shape[1], kernel_size)
+    pos_rows = _position_rows(position, folded, x1.shape[1], kernel_size)
     height, width = x1.shape[2], x1.shape[3]
     per_sample = folded[4].shape[0] * kernel_size * kernel_size * height * width
     step = _attention_samples(x1, per_sample)
     extended = _use_extended(x1, kernel_size, x2, x3, *folded)
     chunks: List[torch.Tensor] = []
     for start in range(0, x1.shape[0], step):
-        weights = _pairwise_weights(x1[start:start + step], x2[start:start + step], pos_hidden, folded, kernel_size)
+        weights = _pairwise_weights(x1[start:start + step], x2[start:start + step], pos_rows, folded, kernel_size)
         if extended:
             weights = _to_extended(weights, height, width, kernel_size)
         chunks.append(_attend_chunk(x3[start:start + step], weights, kernel_size, out_norm, out_eps, extended))
