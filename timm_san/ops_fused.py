@@ -34,7 +34,7 @@ _DEVICE_CHUNK_ELEMENTS = 1 << 27
 # elements of the attention weights of one sample chunk in pairwise_attention / patchwise_attention (CPU)
 _ATTENTION_CHUNK_ELEMENTS = 1 << 20
 # maps at most this wide are aggregated on the row-extended grid (see _aggregate_extended)
-_EXTENDED_MAX_WIDTH = 32
+_EXTENDED_MAX_WIDTH = 16
 
 
 def offset_chunks(
@@ -184,22 +184,38 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def _relation_chunk(
-        centre: torch.Tensor, windows: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        centre: torch.Tensor,
+        windows: torch.Tensor,
+        scale: Optional[torch.Tensor] = None,
+        buffer: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """``relu(centre - windows)``, or ``relu(centre + windows * scale)`` given a scale, in contiguous layout.
 
     Broadcasting against the overlapping window view would otherwise pick a permuted output layout. Under autograd
-    and torch.compile (whose out= handling keeps that layout) the result is made contiguous instead.
+    and torch.compile (whose out= handling keeps that layout) the result is made contiguous instead. Otherwise it is
+    written into the front of ``buffer`` (1-D) where given: one allocation for all chunks of a call, whose pages
+    stay mapped (a fresh chunk-sized tensor each time can come with fresh pages from the OS).
     """
     if torch.compiler.is_compiling() or _needs_grad(centre, windows) or (scale is not None and _needs_grad(scale)):
         relation = centre - windows if scale is None else torch.addcmul(centre, windows, scale)
         return relation.contiguous().relu_()
     shape = torch.broadcast_shapes(centre.shape, windows.shape)
-    relation = torch.empty(shape, dtype=windows.dtype, device=windows.device)
+    if buffer is None:
+        relation = torch.empty(shape, dtype=windows.dtype, device=windows.device)
+    else:
+        relation = buffer[:_numel(shape)].view(shape)
     if scale is None:
         torch.sub(centre, windows, out=relation)
     else:
         torch.addcmul(centre, windows, scale, out=relation)
     return relation.relu_()
+
+
+def _numel(shape: List[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
 
 
 def _position_rows(
@@ -238,13 +254,15 @@ def _pairwise_weights(
 
     samples, rows = offset_chunks(batch, planes, k, spatial, _chunk_elements(x1))
     logits = x1.new_empty((batch, weight_planes, k, k * spatial))
+    buffer = x1.new_empty((samples * (planes + 3) * rows * k * spatial,)) if in_place else None
     for start in range(0, batch, samples):
         end = min(start + samples, batch)
         num = end - start
         for row in range(0, k, rows):
             row_end = min(row + rows, k)
-            if in_place:
-                relation = x1.new_empty((num, planes + 3, row_end - row, k * spatial))
+            if buffer is not None:
+                relation = buffer[:num * (planes + 3) * (row_end - row) * k * spatial].view(
+                    num, planes + 3, row_end - row, k * spatial)
                 diff = relation[:, :planes].view(num, planes, row_end - row, k, height, width)
                 torch.sub(centre[start:end], windows[start:end, :, row:row_end], out=diff).relu_()
                 relation[:, planes:] = pos_rows[:, row:row_end]
@@ -255,7 +273,7 @@ def _pairwise_weights(
                     pos_rows[:, row:row_end].expand(num, -1, -1, -1),
                 ], dim=1)
             hidden = _bmm(weight1, relation.view(num, planes + 3, -1)).relu_()
-            if in_place:
+            if buffer is not None:
                 out = logits[start:end, :, row:row_end].view(num, weight_planes, -1)
                 torch.baddbmm(bias2.view(1, -1, 1), weight2.expand(num, -1, -1), hidden, out=out)
             else:
@@ -317,6 +335,7 @@ def _patchwise_weights(
         row_weights.append(foot_weight[:, :, row:min(row + rows, k)].reshape(weight_planes, -1))
     # without autograd the footprint's share accumulates into hidden in place; with it, out of place
     in_place = not _needs_grad(hidden, x2, scale, shift, weight1)
+    buffer = x1.new_empty((samples * planes * rows * k * spatial,)) if in_place else None
     chunks: List[torch.Tensor] = []
     for start in range(0, batch, samples):
         end = min(start + samples, batch)
@@ -324,7 +343,8 @@ def _patchwise_weights(
         for index, row in enumerate(range(0, k, rows)):
             row_end = min(row + rows, k)
             relation = _relation_chunk(
-                foot_shift[:, :, row:row_end], windows[start:end, :, row:row_end], foot_scale[:, :, row:row_end])
+                foot_shift[:, :, row:row_end], windows[start:end, :, row:row_end], foot_scale[:, :, row:row_end],
+                buffer)
             relation = relation.reshape(end - start, -1, spatial)
             row_weight = row_weights[index].expand(end - start, -1, -1)
             acc = acc.baddbmm_(row_weight, relation) if in_place else torch.baddbmm(acc, row_weight, relation)
