@@ -32,7 +32,7 @@ _CHUNK_ELEMENTS = 1 << 18
 # on a GPU every chunk costs kernel launches: the whole batch in one chunk
 _DEVICE_CHUNK_ELEMENTS = 1 << 27
 # elements of the attention weights of one sample chunk in pairwise_attention / patchwise_attention (CPU)
-_ATTENTION_CHUNK_ELEMENTS = 1 << 20
+_ATTENTION_CHUNK_ELEMENTS = 1 << 19
 # maps at most this wide are aggregated on the row-extended grid (see _aggregate_extended)
 _EXTENDED_MAX_WIDTH = 16
 
