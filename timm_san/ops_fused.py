@@ -255,6 +255,11 @@ def _pairwise_weights(
     samples, rows = offset_chunks(batch, planes, k, spatial, _chunk_elements(x1))
     logits = x1.new_empty((batch, weight_planes, k, k * spatial))
     buffer = x1.new_empty((samples * (planes + 3) * rows * k * spatial,)) if in_place else None
+    if in_place:
+        # the hidden rows get a row of ones that carries the last layer's bias through its matmul
+        hidden_buffer = x1.new_empty((samples, planes + 1, rows * k * spatial))
+        hidden_buffer[:, planes] = 1
+        weight2 = torch.cat([weight2, bias2.view(-1, 1)], dim=1)
     for start in range(0, batch, samples):
         end = min(start + samples, batch)
         num = end - start
@@ -272,11 +277,14 @@ def _pairwise_weights(
                         num, planes, row_end - row, k * spatial),
                     pos_rows[:, row:row_end].expand(num, -1, -1, -1),
                 ], dim=1)
-            hidden = _bmm(weight1, relation.view(num, planes + 3, -1)).relu_()
             if buffer is not None:
+                hidden = hidden_buffer[:num, :, :(row_end - row) * k * spatial]
+                torch.bmm(weight1.expand(num, -1, -1), relation.view(num, planes + 3, -1), out=hidden[:, :planes])
+                hidden[:, :planes].relu_()
                 out = logits[start:end, :, row:row_end].view(num, weight_planes, -1)
-                torch.baddbmm(bias2.view(1, -1, 1), weight2.expand(num, -1, -1), hidden, out=out)
+                torch.bmm(weight2.expand(num, -1, -1), hidden, out=out)
             else:
+                hidden = _bmm(weight1, relation.view(num, planes + 3, -1)).relu_()
                 chunk = _bmm(weight2, hidden).add_(bias2.view(1, -1, 1))
                 logits[start:end, :, row:row_end] = chunk.view(num, weight_planes, row_end - row, k * spatial)
     logits = logits.view(batch, weight_planes, k * k, spatial)
@@ -322,8 +330,17 @@ def _patchwise_weights(
     k, spatial = kernel_size, height * width
     weight_planes = weight1.shape[0]
     centre = torch.relu(x1 * scale[:planes].view(1, planes, 1, 1) + shift[:planes].view(1, planes, 1, 1))
-    hidden = torch.baddbmm(
-        bias1.view(1, -1, 1), weight1[:, :planes].expand(batch, -1, -1), centre.reshape(batch, planes, spatial))
+    # without autograd the footprint's share accumulates into hidden in place; with it, out of place
+    in_place = not _needs_grad(x1, x2, scale, shift, weight1, bias1)
+    centre_weight = weight1[:, :planes].expand(batch, -1, -1)
+    if in_place:
+        # hidden gets a row of ones that carries the last layer's bias through its matmul
+        hidden_buffer = x1.new_empty((batch, weight_planes + 1, spatial))
+        hidden_buffer[:, weight_planes] = 1
+        hidden = hidden_buffer[:, :weight_planes]
+        torch.baddbmm(bias1.view(1, -1, 1), centre_weight, centre.reshape(batch, planes, spatial), out=hidden)
+    else:
+        hidden = torch.baddbmm(bias1.view(1, -1, 1), centre_weight, centre.reshape(batch, planes, spatial))
 
     windows = footprint_view(reflect_pad(x2, k // 2), k)
     foot_scale = scale[planes:].view(1, planes, k, k, 1, 1)
@@ -333,8 +350,6 @@ def _patchwise_weights(
     row_weights: List[torch.Tensor] = []
     for row in range(0, k, rows):
         row_weights.append(foot_weight[:, :, row:min(row + rows, k)].reshape(weight_planes, -1))
-    # without autograd the footprint's share accumulates into hidden in place; with it, out of place
-    in_place = not _needs_grad(hidden, x2, scale, shift, weight1)
     buffer = x1.new_empty((samples * planes * rows * k * spatial,)) if in_place else None
     chunks: List[torch.Tensor] = []
     for start in range(0, batch, samples):
@@ -349,9 +364,12 @@ def _patchwise_weights(
             row_weight = row_weights[index].expand(end - start, -1, -1)
             acc = acc.baddbmm_(row_weight, relation) if in_place else torch.baddbmm(acc, row_weight, relation)
         chunks.append(acc)
-    if not in_place:
+    if in_place:
+        hidden.relu_()
+        weights = _bmm(torch.cat([weight2, bias2.view(-1, 1)], dim=1), hidden_buffer)
+    else:
         hidden = torch.cat(chunks, dim=0) if len(chunks) > 1 else chunks[0]
-    weights = _bmm(weight2, hidden.relu_()).add_(bias2.view(1, -1, 1))
+        weights = _bmm(weight2, hidden.relu_()).add_(bias2.view(1, -1, 1))
     return weights.view(batch, weight_planes, k * k, spatial)
 
 
