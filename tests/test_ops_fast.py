@@ -26,7 +26,7 @@ def chunk_elements(request, monkeypatch):
     original = ops_fused.offset_chunks
     sizes = []
 
-    def chunks(batch: int, planes: int, kernel_size: int, spatial: int):
+    def chunks(batch: int, planes: int, kernel_size: int, spatial: int, chunk_elements: int = 0):
         sizes.append(original(batch, planes, kernel_size, spatial, request.param))
         return sizes[-1]
 
@@ -49,9 +49,9 @@ def test_fused_eval_equals_plain(sa_type, kernel_size, size, chunk_elements):
 @pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
 def test_fused_eval_path_is_taken_and_differentiable(sa_type, monkeypatch):
     calls = []
-    name = f'{sa_type}_weights'
+    name = f'{sa_type}_attention'
     original = getattr(sam_module, name)
-    monkeypatch.setattr(sam_module, name, lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(sam_module, name, lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     module = _sam(sa_type, 7).eval()
     x1 = _rand(2, 32, 9, 8, seed=2).requires_grad_()
     x2 = x1.detach().clone().requires_grad_()
@@ -64,10 +64,10 @@ def test_fused_eval_path_is_taken_and_differentiable(sa_type, monkeypatch):
 
 @pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
 def test_train_mode_never_takes_the_fused_path(sa_type, monkeypatch):
-    def refuse(*args):
+    def refuse(*args, **kwargs):
         raise AssertionError('fused eval operator called in training')
 
-    monkeypatch.setattr(sam_module, f'{sa_type}_weights', refuse)
+    monkeypatch.setattr(sam_module, f'{sa_type}_attention', refuse)
     module = _sam(sa_type, 3).train()
     x = _rand(2, 32, 5, 5, seed=4)
     module(x)

@@ -6,6 +6,10 @@ strided view of the padded map, pushed through both 1x1 layers while it is still
 ``(B, Cw, k * k, H * W)`` weights are written out. The unfused path materialises the ``(B, C_rel, k * k, H * W)``
 relation and every intermediate of the mapping.
 
+``pairwise_attention`` / ``patchwise_attention`` go one step further for the module's forward: weights and
+aggregation of a few samples at a time on CPU, so each sample's weights are consumed while still in cache and no
+weights tensor of the whole batch (tens of MB at 56 x 56, fresh pages from the OS on every call) is allocated.
+
 The results equal the unfused operators up to float rounding (the affine maps are folded into the
 neighbouring layers and the first layer's sum is accumulated chunk by chunk). Everything here is made of
 differentiable PyTorch ops, so gradients through an eval-mode model still work.
@@ -13,14 +17,24 @@ differentiable PyTorch ops, so gradients through an eval-mode model still work.
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
-from .ops import footprint_view, reflect_pad
+from .ops import aggregation, footprint_view, reflect_pad
 
-__all__ = ['pairwise_weights', 'patchwise_weights', 'fold_mapping', 'offset_chunks']
+__all__ = [
+    'pairwise_weights', 'patchwise_weights', 'pairwise_attention', 'patchwise_attention', 'fold_mapping',
+    'offset_chunks',
+]
 
 # elements of one chunk's relation buffer: small enough to stay in a core's L2 cache
 _CHUNK_ELEMENTS = 1 << 18
+# on a GPU every chunk costs kernel launches: the whole batch in one chunk
+_DEVICE_CHUNK_ELEMENTS = 1 << 27
+# elements of the attention weights of one sample chunk in pairwise_attention / patchwise_attention (CPU)
+_ATTENTION_CHUNK_ELEMENTS = 1 << 19
+# maps at most this wide are aggregated on the row-extended grid (see _aggregate_extended)
+_EXTENDED_MAX_WIDTH = 16
 
 
 def offset_chunks(
@@ -45,6 +59,70 @@ def offset_chunks(
     if rows == kernel_size:
         samples = max(1, min(batch, chunk_elements // (row * kernel_size)))
     return samples, rows
+
+
+def _chunk_elements(x: torch.Tensor) -> int:
+    return _CHUNK_ELEMENTS if x.device.type == 'cpu' else _DEVICE_CHUNK_ELEMENTS
+
+
+def _attention_samples(x: torch.Tensor, per_sample: int) -> int:
+    """Samples per chunk of ``*_attention``: the whole batch off CPU and under torch.compile."""
+    batch = x.shape[0]
+    if x.device.type != 'cpu' or torch.compiler.is_compiling():
+        return batch
+    return max(1, min(batch, _ATTENTION_CHUNK_ELEMENTS // max(1, per_sample)))
+
+
+def _extended_size(height: int, width: int, kernel_size: int) -> int:
+    """Columns of the row-extended grid: position ``(h, w)`` at ``h * (W + k - 1) + w``, the last row unpadded."""
+    return (height - 1) * (width + kernel_size - 1) + width
+
+
+def _use_extended(x: torch.Tensor, kernel_size: int, *tensors: torch.Tensor) -> bool:
+    """Whether the attention of ``x``'s map is aggregated on the row-extended grid (CPU inference, narrow maps)."""
+    return (
+        x.device.type == 'cpu'
+        and x.shape[-1] <= _EXTENDED_MAX_WIDTH
+        and not torch.compiler.is_compiling()
+        and not _needs_grad(x, *tensors)
+    )
+
+
+def _to_extended(weights: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
+    """``(B, Cw, k * k, H * W)`` weights on the row-extended grid ``(B, Cw, k * k, N)`` (the gaps are zeros)."""
+    batch, planes, offsets = weights.shape[0], weights.shape[1], weights.shape[2]
+    rows = weights.new_empty((batch, planes, offsets, height, width + kernel_size - 1))
+    rows[..., :width] = weights.view(batch, planes, offsets, height, width)
+    # the gaps only meet padding columns, but must hold numbers (uninitialised memory may be NaN or subnormal)
+    rows[..., width:] = 0
+    return rows.view(batch, planes, offsets, -1)[..., :_extended_size(height, width, kernel_size)]
+
+
+def _aggregate_extended(x: torch.Tensor, weights: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """``aggregation(x, weights)`` for weights on the row-extended grid, without autograd.
+
+    Every footprint offset of a row-padded map is then one contiguous run of the flattened padded map (the row
+    gaps of the grid fall on the padding columns), so each multiply-add runs over ``N`` elements in one stretch
+    instead of ``H`` runs of ``W``: on narrow maps (14 or 7 pixels) that is about twice as fast.
+    """
+    batch, channels, height, width = x.shape
+    weight_planes = weights.shape[1]
+    k, pad = kernel_size, kernel_size // 2
+    padded_h, padded_w = height + 2 * pad, width + 2 * pad
+    size = _extended_size(height, width, k)
+    padded = reflect_pad(x, pad).reshape(batch, channels // weight_planes, weight_planes, padded_h * padded_w)
+    weights = weights.reshape(batch, 1, weight_planes, k * k, weights.shape[-1])
+    out = x.new_empty((batch, channels // weight_planes, weight_planes, height * padded_w))
+    acc = out[..., :size]
+    for kh in range(k):
+        for kw in range(k):
+            offset = kh * padded_w + kw
+            window = padded[..., offset:offset + size]
+            if kh == 0 and kw == 0:
+                torch.mul(window, weights[:, :, :, 0], out=acc)
+            else:
+                acc.addcmul_(window, weights[:, :, :, kh * k + kw])
+    return out.view(batch, channels, height, padded_w)[..., :width]
 
 
 def _bn_affine(
@@ -92,27 +170,125 @@ def fold_mapping(mapping: List[Optional[torch.Tensor]], eps1: float, eps2: float
     return [scale, shift, weight1, bias1, weight2, bias2]
 
 
+def _bmm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight @ x[b]`` for every sample of ``x`` ``(B, K, N)``, as one batched matmul.
+
+    ``torch.matmul`` of a matrix with a batch folds the batch into a transposed ``(B * N, K)`` copy and returns a
+    transposed result that is copied again; a broadcast (stride 0) weight in ``bmm`` reads each sample in place.
+    """
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _relation_chunk(
-        centre: torch.Tensor, windows: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        centre: torch.Tensor,
+        windows: torch.Tensor,
+        scale: Optional[torch.Tensor] = None,
+        buffer: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """``relu(centre - windows)``, or ``relu(centre + windows * scale)`` given a scale, in contiguous layout.
 
     Broadcasting against the overlapping window view would otherwise pick a permuted output layout. Under autograd
-    and torch.compile (whose out= handling keeps that layout) the result is made contiguous instead.
+    and torch.compile (whose out= handling keeps that layout) the result is made contiguous instead. Otherwise it is
+    written into the front of ``buffer`` (1-D) where given: one allocation for all chunks of a call, whose pages
+    stay mapped (a fresh chunk-sized tensor each time can come with fresh pages from the OS).
     """
     if torch.compiler.is_compiling() or _needs_grad(centre, windows) or (scale is not None and _needs_grad(scale)):
         relation = centre - windows if scale is None else torch.addcmul(centre, windows, scale)
         return relation.contiguous().relu_()
     shape = torch.broadcast_shapes(centre.shape, windows.shape)
-    relation = torch.empty(shape, dtype=windows.dtype, device=windows.device)
+    if buffer is None:
+        relation = torch.empty(shape, dtype=windows.dtype, device=windows.device)
+    else:
+        relation = buffer[:_numel(shape)].view(shape)
     if scale is None:
         torch.sub(centre, windows, out=relation)
     else:
         torch.addcmul(centre, windows, scale, out=relation)
     return relation.relu_()
+
+
+def _numel(shape: List[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _position_rows(
+        position: torch.Tensor, folded: List[torch.Tensor], planes: int, kernel_size: int) -> torch.Tensor:
+    """The first layer's input rows shared by every sample: the position relation and a row of ones.
+
+    ``relu(scale * (p - p[nbr]) + shift)`` for the two position channels, then ones that carry the first layer's
+    bias through its matmul: ``(3, k, k * H * W)``.
+    """
+    scale, shift = folded[0], folded[1]
+    k, pad = kernel_size, kernel_size // 2
+    height, width = position.shape[-2], position.shape[-1]
+    pos_scale, pos_shift = scale[planes:].view(1, 2, 1, 1), shift[planes:].view(1, 2, 1, 1)
+    pos_centre = (position * pos_scale + pos_shift).reshape(1, 2, 1, 1, height, width)
+    pos_relation = torch.relu(pos_centre - footprint_view(reflect_pad(position * pos_scale, pad), k))
+    ones = pos_relation.new_ones((1, 1, k, k, height, width))
+    return torch.cat([pos_relation, ones], dim=1).view(3, k, k * height * width)
+
+
+def _pairwise_weights(
+        x1: torch.Tensor, x2: torch.Tensor, pos_rows: torch.Tensor, folded: List[torch.Tensor], kernel_size: int,
+) -> torch.Tensor:
+    scale, shift, weight1, bias1, weight2, bias2 = folded
+    batch, planes, height, width = x1.shape
+    k, pad, spatial = kernel_size, kernel_size // 2, height * width
+    weight_planes = weight2.shape[0]
+    # BN(x1[c] - x2[n]) = (scale * x1 + shift)[c] - (scale * x2)[n]: the affine map costs H * W, not k * k * H * W
+    rel_scale, rel_shift = scale[:planes].view(1, planes, 1, 1), shift[:planes].view(1, planes, 1, 1)
+    centre = (x1 * rel_scale + rel_shift).reshape(batch, planes, 1, 1, height, width)
+    windows = footprint_view(reflect_pad(x2 * rel_scale, pad), k)
+    # one matmul over [relation; position relation; ones] with [W1_rel, W1_pos, b1]
+    weight1 = torch.cat([weight1, bias1.view(-1, 1)], dim=1)
+    # without autograd (or the compiler) every chunk is written in place: relation rows into one buffer, the
+    # logits straight into their slice of the output
+    in_place = not (torch.compiler.is_compiling() or _needs_grad(x1, x2, pos_rows, weight1, weight2, bias2))
+
+    samples, rows = offset_chunks(batch, planes, k, spatial, _chunk_elements(x1))
+    logits = x1.new_empty((batch, weight_planes, k, k * spatial))
+    buffer = x1.new_empty((samples * (planes + 3) * rows * k * spatial,)) if in_place else None
+    if in_place:
+        # the hidden rows get a row of ones that carries the last layer's bias through its matmul
+        hidden_buffer = x1.new_empty((samples, planes + 1, rows * k * spatial))
+        hidden_buffer[:, planes] = 1
+        weight2 = torch.cat([weight2, bias2.view(-1, 1)], dim=1)
+    for start in range(0, batch, samples):
+        end = min(start + samples, batch)
+        num = end - start
+        for row in range(0, k, rows):
+            row_end = min(row + rows, k)
+            if buffer is not None:
+                relation = buffer[:num * (planes + 3) * (row_end - row) * k * spatial].view(
+                    num, planes + 3, row_end - row, k * spatial)
+                diff = relation[:, :planes].view(num, planes, row_end - row, k, height, width)
+                torch.sub(centre[start:end], windows[start:end, :, row:row_end], out=diff).relu_()
+                relation[:, planes:] = pos_rows[:, row:row_end]
+            else:
+                relation = torch.cat([
+                    _relation_chunk(centre[start:end], windows[start:end, :, row:row_end]).reshape(
+                        num, planes, row_end - row, k * spatial),
+                    pos_rows[:, row:row_end].expand(num, -1, -1, -1),
+                ], dim=1)
+            if buffer is not None:
+                hidden = hidden_buffer[:num, :, :(row_end - row) * k * spatial]
+                torch.bmm(weight1.expand(num, -1, -1), relation.view(num, planes + 3, -1), out=hidden[:, :planes])
+                hidden[:, :planes].relu_()
+                out = logits[start:end, :, row:row_end].view(num, weight_planes, -1)
+                torch.bmm(weight2.expand(num, -1, -1), hidden, out=out)
+            else:
+                hidden = _bmm(weight1, relation.view(num, planes + 3, -1)).relu_()
+                chunk = _bmm(weight2, hidden).add_(bias2.view(1, -1, 1))
+                logits[start:end, :, row:row_end] = chunk.view(num, weight_planes, row_end - row, k * spatial)
+    logits = logits.view(batch, weight_planes, k * k, spatial)
+    return torch.softmax(logits, dim=2)
 
 
 @register_notrace_function
@@ -142,36 +318,59 @@ def pairwise_weights(
     Returns:
         Weights of shape ``(B, Cw, k * k, H * W)``, summing to one over the footprint.
     """
-    scale, shift, weight1, bias1, weight2, bias2 = fold_mapping(mapping, eps1, eps2)
-    batch, planes, height, width = x1.shape
-    k, pad, spatial = kernel_size, kernel_size // 2, height * width
-    weight_planes = weight2.shape[0]
-    # BN(x1[c] - x2[n]) = (scale * x1 + shift)[c] - (scale * x2)[n]: the affine map costs H * W, not k * k * H * W
-    rel_scale, rel_shift = scale[:planes].view(1, planes, 1, 1), shift[:planes].view(1, planes, 1, 1)
-    centre = (x1 * rel_scale + rel_shift).reshape(batch, planes, 1, 1, height, width)
-    windows = footprint_view(reflect_pad(x2 * rel_scale, pad), k)
-    # the position relation is the same for every sample: its share of the first layer is computed once
-    pos_scale, pos_shift = scale[planes:].view(1, 2, 1, 1), shift[planes:].view(1, 2, 1, 1)
-    pos_centre = (position * pos_scale + pos_shift).reshape(1, 2, 1, 1, height, width)
-    pos_relation = torch.relu(pos_centre - footprint_view(reflect_pad(position * pos_scale, pad), k))
-    pos_hidden = torch.addmm(bias1.view(-1, 1), weight1[:, planes:], pos_relation.reshape(2, k * k * spatial))
-    pos_hidden = pos_hidden.view(planes, k, k * spatial)
-    weight1_rel = weight1[:, :planes].contiguous()
+    folded = fold_mapping(mapping, eps1, eps2)
+    pos_rows = _position_rows(position, folded, x1.shape[1], kernel_size)
+    return _pairwise_weights(x1, x2, pos_rows, folded, kernel_size)
 
-    samples, rows = offset_chunks(batch, planes, k, spatial)
-    logits = x1.new_empty((batch, weight_planes, k, k * spatial))
+
+def _patchwise_weights(
+        x1: torch.Tensor, x2: torch.Tensor, folded: List[torch.Tensor], kernel_size: int) -> torch.Tensor:
+    scale, shift, weight1, bias1, weight2, bias2 = folded
+    batch, planes, height, width = x1.shape
+    k, spatial = kernel_size, height * width
+    weight_planes = weight1.shape[0]
+    centre = torch.relu(x1 * scale[:planes].view(1, planes, 1, 1) + shift[:planes].view(1, planes, 1, 1))
+    # without autograd the footprint's share accumulates into hidden in place; with it, out of place
+    in_place = not _needs_grad(x1, x2, scale, shift, weight1, bias1)
+    centre_weight = weight1[:, :planes].expand(batch, -1, -1)
+    if in_place:
+        # hidden gets a row of ones that carries the last layer's bias through its matmul
+        hidden_buffer = x1.new_empty((batch, weight_planes + 1, spatial))
+        hidden_buffer[:, weight_planes] = 1
+        hidden = hidden_buffer[:, :weight_planes]
+        torch.baddbmm(bias1.view(1, -1, 1), centre_weight, centre.reshape(batch, planes, spatial), out=hidden)
+    else:
+        hidden = torch.baddbmm(bias1.view(1, -1, 1), centre_weight, centre.reshape(batch, planes, spatial))
+
+    windows = footprint_view(reflect_pad(x2, k // 2), k)
+    foot_scale = scale[planes:].view(1, planes, k, k, 1, 1)
+    foot_shift = shift[planes:].view(1, planes, k, k, 1, 1)
+    foot_weight = weight1[:, planes:].reshape(weight_planes, planes, k, k)
+    samples, rows = offset_chunks(batch, planes, k, spatial, _chunk_elements(x1))
+    row_weights: List[torch.Tensor] = []
+    for row in range(0, k, rows):
+        row_weights.append(foot_weight[:, :, row:min(row + rows, k)].reshape(weight_planes, -1))
+    buffer = x1.new_empty((samples * planes * rows * k * spatial,)) if in_place else None
+    chunks: List[torch.Tensor] = []
     for start in range(0, batch, samples):
         end = min(start + samples, batch)
-        for row in range(0, k, rows):
+        acc = hidden[start:end]
+        for index, row in enumerate(range(0, k, rows)):
             row_end = min(row + rows, k)
-            num = end - start
-            relation = _relation_chunk(centre[start:end], windows[start:end, :, row:row_end])
-            hidden = torch.matmul(weight1_rel, relation.reshape(num, planes, -1))
-            hidden = hidden.view(num, planes, row_end - row, k * spatial).add_(pos_hidden[:, row:row_end]).relu_()
-            chunk = torch.matmul(weight2, hidden.view(num, planes, -1)).add_(bias2.view(1, -1, 1))
-            logits[start:end, :, row:row_end] = chunk.view(num, weight_planes, row_end - row, k * spatial)
-    logits = logits.view(batch, weight_planes, k * k, spatial)
-    return torch.softmax(logits, dim=2)
+            relation = _relation_chunk(
+                foot_shift[:, :, row:row_end], windows[start:end, :, row:row_end], foot_scale[:, :, row:row_end],
+                buffer)
+            relation = relation.reshape(end - start, -1, spatial)
+            row_weight = row_weights[index].expand(end - start, -1, -1)
+            acc = acc.baddbmm_(row_weight, relation) if in_place else torch.baddbmm(acc, row_weight, relation)
+        chunks.append(acc)
+    if in_place:
+        hidden.relu_()
+        weights = _bmm(torch.cat([weight2, bias2.view(-1, 1)], dim=1), hidden_buffer)
+    else:
+        hidden = torch.cat(chunks, dim=0) if len(chunks) > 1 else chunks[0]
+        weights = _bmm(weight2, hidden.relu_()).add_(bias2.view(1, -1, 1))
+    return weights.view(batch, weight_planes, k * k, spatial)
 
 
 @register_notrace_function
@@ -200,32 +399,114 @@ def patchwise_weights(
     Returns:
         Weights of shape ``(B, Cw, k * k, H * W)``.
     """
-    scale, shift, weight1, bias1, weight2, bias2 = fold_mapping(mapping, eps1, eps2)
-    batch, planes, height, width = x1.shape
-    k, spatial = kernel_size, height * width
-    weight_planes = weight1.shape[0]
-    centre = torch.relu(x1 * scale[:planes].view(1, planes, 1, 1) + shift[:planes].view(1, planes, 1, 1))
-    hidden = torch.matmul(weight1[:, :planes], centre.reshape(batch, planes, spatial)).add_(bias1.view(1, -1, 1))
+    return _patchwise_weights(x1, x2, fold_mapping(mapping, eps1, eps2), kernel_size)
 
-    windows = footprint_view(reflect_pad(x2, k // 2), k)
-    foot_scale = scale[planes:].view(1, planes, k, k, 1, 1)
-    foot_shift = shift[planes:].view(1, planes, k, k, 1, 1)
-    foot_weight = weight1[:, planes:].reshape(weight_planes, planes, k, k)
-    samples, rows = offset_chunks(batch, planes, k, spatial)
-    row_weights: List[torch.Tensor] = []
-    for row in range(0, k, rows):
-        row_weights.append(foot_weight[:, :, row:min(row + rows, k)].reshape(weight_planes, -1))
+
+def _attend_chunk(
+        x3: torch.Tensor,
+        weights: torch.Tensor,
+        kernel_size: int,
+        out_norm: Optional[List[Optional[torch.Tensor]]],
+        out_eps: float,
+        extended: bool,
+) -> torch.Tensor:
+    if extended:
+        out = _aggregate_extended(x3, weights, kernel_size)
+        if out_norm is None:
+            return out.contiguous()
+    else:
+        out = aggregation(x3, weights, kernel_size)
+    if out_norm is None:
+        return out
+    # the block's BatchNorm and ReLU while the chunk is in cache: the module path's arithmetic, chunk by chunk
+    norm_weight, norm_bias, running_mean, running_var = out_norm
+    assert running_mean is not None and running_var is not None
+    return F.batch_norm(out, running_mean, running_var, norm_weight, norm_bias, False, 0., out_eps).relu_()
+
+
+@register_notrace_function
+def pairwise_attention(
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        x3: torch.Tensor,
+        position: torch.Tensor,
+        mapping: List[Optional[torch.Tensor]],
+        eps1: float,
+        eps2: float,
+        kernel_size: int,
+        out_norm: Optional[List[Optional[torch.Tensor]]] = None,
+        out_eps: float = 1e-5,
+) -> torch.Tensor:
+    """``aggregation(x3, pairwise_weights(x1, x2, position, ...))``, a few samples at a time on CPU.
+
+    Args:
+        x1: Centre map ``(B, R, H, W)`` (conv1 output).
+        x2: Neighbour map ``(B, R, H, W)`` (conv2 output).
+        x3: Aggregated map ``(B, C, H, W)`` (conv3 output).
+        position: Position encoding ``(1, 2, H, W)`` (conv_p output).
+        mapping: The eval-mode weight mapping's tensors, as ``pairwise_weights`` takes them.
+        eps1: First BatchNorm's epsilon.
+        eps2: Second BatchNorm's epsilon.
+        kernel_size: Footprint side ``k`` (odd).
+        out_norm: ``[weight, bias, running_mean, running_var]`` of an eval BatchNorm: return
+            ``relu(batch_norm(out))`` instead, applied chunk by chunk.
+        out_eps: That BatchNorm's epsilon.
+
+    Returns:
+        Tensor of shape ``(B, C, H, W)``.
+    """
+    folded = fold_mapping(mapping, eps1, eps2)
+    pos_rows = _position_rows(position, folded, x1.shape[1], kernel_size)
+    height, width = x1.shape[2], x1.shape[3]
+    per_sample = folded[4].shape[0] * kernel_size * kernel_size * height * width
+    step = _attention_samples(x1, per_sample)
+    extended = _use_extended(x1, kernel_size, x2, x3, *folded)
     chunks: List[torch.Tensor] = []
-    for start in range(0, batch, samples):
-        end = min(start + samples, batch)
-        acc = hidden[start:end]
-        for index, row in enumerate(range(0, k, rows)):
-            row_end = min(row + rows, k)
-            relation = _relation_chunk(
-                foot_shift[:, :, row:row_end], windows[start:end, :, row:row_end], foot_scale[:, :, row:row_end])
-            relation = relation.reshape(end - start, -1, spatial)
-            acc = acc + torch.matmul(row_weights[index], relation)
-        chunks.append(acc)
-    hidden = torch.cat(chunks, dim=0).relu_() if len(chunks) > 1 else chunks[0].relu_()
-    weights = torch.matmul(weight2, hidden).add_(bias2.view(1, -1, 1))
-    return weights.view(batch, weight_planes, k * k, spatial)
+    for start in range(0, x1.shape[0], step):
+        weights = _pairwise_weights(x1[start:start + step], x2[start:start + step], pos_rows, folded, kernel_size)
+        if extended:
+            weights = _to_extended(weights, height, width, kernel_size)
+        chunks.append(_attend_chunk(x3[start:start + step], weights, kernel_size, out_norm, out_eps, extended))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+@register_notrace_function
+def patchwise_attention(
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        x3: torch.Tensor,
+        mapping: List[Optional[torch.Tensor]],
+        eps1: float,
+        eps2: float,
+        kernel_size: int,
+        out_norm: Optional[List[Optional[torch.Tensor]]] = None,
+        out_eps: float = 1e-5,
+) -> torch.Tensor:
+    """``aggregation(x3, patchwise_weights(x1, x2, ...))``, a few samples at a time on CPU.
+
+    Args:
+        x1: Centre map ``(B, R, H, W)`` (conv1 output).
+        x2: Footprint map ``(B, R, H, W)`` (conv2 output).
+        x3: Aggregated map ``(B, C, H, W)`` (conv3 output).
+        mapping: The eval-mode weight mapping's tensors, as ``patchwise_weights`` takes them.
+        eps1: First BatchNorm's epsilon.
+        eps2: Second BatchNorm's epsilon.
+        kernel_size: Footprint side ``k`` (odd).
+        out_norm: ``[weight, bias, running_mean, running_var]`` of an eval BatchNorm: return
+            ``relu(batch_norm(out))`` instead, applied chunk by chunk.
+        out_eps: That BatchNorm's epsilon.
+
+    Returns:
+        Tensor of shape ``(B, C, H, W)``.
+    """
+    folded = fold_mapping(mapping, eps1, eps2)
+    per_sample = folded[2].shape[0] * kernel_size * kernel_size * x1.shape[2] * x1.shape[3]
+    step = _attention_samples(x1, per_sample)
+    extended = _use_extended(x1, kernel_size, x2, x3, *folded)
+    chunks: List[torch.Tensor] = []
+    for start in range(0, x1.shape[0], step):
+        weights = _patchwise_weights(x1[start:start + step], x2[start:start + step], folded, kernel_size)
+        if extended:
+            weights = _to_extended(weights, x1.shape[2], x1.shape[3], kernel_size)
+        chunks.append(_attend_chunk(x3[start:start + step], weights, kernel_size, out_norm, out_eps, extended))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)

@@ -14,15 +14,17 @@ Three ways through the same arithmetic, chosen per call:
 A module built under ``timm.set_scriptable(True)`` takes the plain operators always, so that a graph FX traces
 from it still scripts (timm's convention, as ``use_fused_attn()`` for its attention layers).
 """
-from typing import Type
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from timm.layers import is_scriptable
 
+from .eval_ops import conv1x1_split
+from .fusable import plain_conv1x1
 from .ops import aggregation, check_kernel_size, footprint, position_grid, subtraction, subtraction2
-from .ops_fused import pairwise_weights, patchwise_weights
+from .ops_fused import pairwise_attention, patchwise_attention
 
 __all__ = ['SelfAttention', 'SA_TYPES']
 
@@ -138,19 +140,40 @@ class SelfAttention(nn.Module):
             and all(type(layers[i]) is nn.Conv2d for i in (2, 5))
         )
 
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.conv1(x), self.conv2(x)
+    def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``conv1(x), conv2(x), conv3(x)``, as one matmul on CPU where the modules are plain 1x1 convs."""
+        convs = (self.conv1, self.conv2, self.conv3)
+        if all(plain_conv1x1(c) for c in convs):
+            x1, x2, x3 = conv1x1_split(x, [c.weight for c in convs], [c.bias for c in convs])
+            return x1, x2, x3
+        return self.conv1(x), self.conv2(x), self.conv3(x)
+
+    def fused_eval(self) -> bool:
+        """Whether ``forward`` takes the fused eval operators on this call."""
+        return not torch.jit.is_scripting() and not self.training and self.fused and self._fusable()
+
+    def forward_norm_relu(self, x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
+        """``relu(norm(self(x)))`` for an eval ``nn.BatchNorm2d``, taken chunk by chunk where ``fused_eval()``."""
+        if self.fused_eval() and not (self._forward_hooks or self._forward_pre_hooks):
+            return self._forward_fused(x, norm)
+        return torch.relu_(norm(self(x)))
+
+    def _forward_fused(self, x: torch.Tensor, out_norm: Optional[nn.BatchNorm2d] = None) -> torch.Tensor:
+        x1, x2, x3 = self._project(x)
         bn1, conv1, bn2, conv2 = self.conv_w[0], self.conv_w[2], self.conv_w[3], self.conv_w[5]
         mapping = [
             bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, conv1.weight, conv1.bias,
             bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, conv2.weight, conv2.bias,
         ]
+        norm, eps = None, 1e-5
+        if out_norm is not None:
+            norm, eps = [out_norm.weight, out_norm.bias, out_norm.running_mean, out_norm.running_var], out_norm.eps
         if self.conv_p is not None:
             position = self.conv_p(position_grid(x1))
-            weights = pairwise_weights(x1, x2, position, mapping, bn1.eps, bn2.eps, self.kernel_size)
-        else:
-            weights = patchwise_weights(x1, x2, mapping, bn1.eps, bn2.eps, self.kernel_size)
-        return aggregation(self.conv3(x), weights, self.kernel_size)
+            return pairwise_attention(
+                x1, x2, x3, position, mapping, bn1.eps, bn2.eps, self.kernel_size, out_norm=norm, out_eps=eps)
+        return patchwise_attention(
+            x1, x2, x3, mapping, bn1.eps, bn2.eps, self.kernel_size, out_norm=norm, out_eps=eps)
 
     def _forward_recompute(self, x: torch.Tensor) -> torch.Tensor:
         calls = [0]
