@@ -37,6 +37,7 @@ sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.join(_ROOT, 'tests'))
 import timm_san  # noqa: F401,E402  (registers the SAN models)
 from reference import randomize_  # noqa: E402
+from timm_san import fusable  # noqa: E402
 from timm_san.sam import SelfAttention  # noqa: E402
 
 LAYERS = {'san10': (2, 1, 2, 4, 1), 'san15': (3, 2, 3, 5, 2), 'san19': (3, 3, 4, 6, 3)}
@@ -127,10 +128,15 @@ def timed(fn: Callable[[], None], repeat: int) -> float:
 
 
 class Bench:
-    """Eval and training closures of one model; ``recompute`` sets timm_san's attention recomputation."""
+    """Eval and training closures of one model.
 
-    def __init__(self, model: nn.Module, batch: int, autocast: bool, recompute: bool = True):
-        self.model, self.autocast, self.recompute = model, autocast, recompute
+    ``recompute`` sets timm_san's attention recomputation in training; ``fuse_on_cuda`` lets its CPU eval fusions
+    run on CUDA too (by default they do not).
+    """
+
+    def __init__(self, model: nn.Module, batch: int, autocast: bool, recompute: bool = True,
+                 fuse_on_cuda: bool = False):
+        self.model, self.autocast, self.recompute, self.fuse_on_cuda = model, autocast, recompute, fuse_on_cuda
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch, 3, 224, 224, generator=gen).cuda()
@@ -138,6 +144,7 @@ class Bench:
 
     def infer(self) -> None:
         self.model.eval()
+        fusable.EVAL_FUSION_DEVICES = ('cpu', 'cuda') if self.fuse_on_cuda else ('cpu',)
         with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.autocast):
             self.model(self.x)
 
@@ -192,6 +199,7 @@ def main() -> None:
             ('official (CuPy kernels, fp32)', Bench(official, args.batch, False)),
             ('timm_san fp32', Bench(ours, args.batch, False)),
             ('timm_san fp32, no recompute', Bench(ours, args.batch, False, recompute=False)),
+            ('timm_san fp32, CPU eval fusions forced', Bench(ours, args.batch, False, fuse_on_cuda=True)),
             ('timm_san bf16 autocast', Bench(ours, args.batch, True)),
             ('timm_san bf16 autocast, no recompute', Bench(ours, args.batch, True, recompute=False)),
         ]

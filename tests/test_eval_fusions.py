@@ -7,7 +7,7 @@ import timm
 from timm.layers import freeze_batch_norm_2d
 
 import timm_san  # noqa: F401
-from timm_san import eval_ops, eval_stem, ops_fused, san as san_module, sam as sam_module
+from timm_san import eval_ops, eval_stem, fusable, ops_fused, san as san_module, sam as sam_module
 from timm_san.san import SanBottleneck
 from timm_san.sam import SelfAttention
 from reference import randomize_
@@ -235,3 +235,30 @@ def test_fused_weight_chunks_take_the_whole_batch_off_cpu():
     assert ops_fused._chunk_elements(meta) == ops_fused._DEVICE_CHUNK_ELEMENTS
     assert ops_fused._attention_samples(meta, 10 ** 9) == 8
     assert not ops_fused._use_extended(meta, 7)
+
+
+@pytest.mark.parametrize('name', ['san10_pairwise', 'san10_patchwise'])
+def test_autocast_eval_takes_the_module_path(name, monkeypatch):
+    # the fusions compute in one dtype with out= arithmetic: under autocast the modules must cast per layer
+    fused, plain = _pair(name, seed=7)
+    fused, plain = fused.float().eval(), plain.float().eval()
+    calls = _record_calls(monkeypatch)
+    x = _rand(2, 3, 64, 64, seed=8, dtype=torch.float32)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out, expected = fused(x), plain(x)
+    assert not calls
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        fused(x)
+    assert calls, 'outside autocast the fusions must run again'
+
+
+def test_fusions_run_only_on_the_listed_devices(monkeypatch):
+    fused, _ = _pair('san10_pairwise', seed=9)
+    fused.eval()
+    calls = _record_calls(monkeypatch)
+    monkeypatch.setattr(fusable, 'EVAL_FUSION_DEVICES', ('cuda',))
+    with torch.no_grad():
+        fused(_rand(1, 3, 64, 64, seed=10))
+    assert not calls

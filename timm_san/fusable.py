@@ -8,10 +8,26 @@ runs instead.
 """
 from typing import Tuple, Union
 
+import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
-__all__ = ['plain_conv1x1', 'eval_batch_norm', 'plain_relu', 'plain_max_pool2x2', 'identity_in_eval']
+__all__ = [
+    'EVAL_FUSION_DEVICES', 'fusions_apply', 'plain_conv1x1', 'eval_batch_norm', 'plain_relu', 'plain_max_pool2x2',
+    'identity_in_eval',
+]
+
+# Device types the eval fusions run on. They trade kernel launches for cache reuse, which pays on a CPU; on an H200
+# the plain modules (cuDNN plus the Triton operators) were faster (benchmarks/official_gpu.py, README).
+EVAL_FUSION_DEVICES = ('cpu',)
+
+
+def fusions_apply(x: torch.Tensor) -> bool:
+    """Whether the eval fusions may compute on ``x``: a device of ``EVAL_FUSION_DEVICES``, and no autocast.
+
+    Under autocast the modules cast their inputs per layer; the fusions' ``out=`` arithmetic keeps one dtype.
+    """
+    return x.device.type in EVAL_FUSION_DEVICES and not torch.is_autocast_enabled(x.device.type)
 
 
 def _pair(value: Union[int, Tuple[int, ...]]) -> Tuple[int, ...]:

@@ -22,7 +22,7 @@ import torch.utils.checkpoint
 from timm.layers import is_scriptable
 
 from .eval_ops import conv1x1_split
-from .fusable import plain_conv1x1
+from .fusable import fusions_apply, plain_conv1x1
 from .ops import aggregation, check_kernel_size, footprint, position_grid, subtraction, subtraction2
 from .ops_fused import pairwise_attention, patchwise_attention
 
@@ -148,13 +148,14 @@ class SelfAttention(nn.Module):
             return x1, x2, x3
         return self.conv1(x), self.conv2(x), self.conv3(x)
 
-    def fused_eval(self) -> bool:
-        """Whether ``forward`` takes the fused eval operators on this call."""
-        return not torch.jit.is_scripting() and not self.training and self.fused and self._fusable()
+    def fused_eval(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` takes the fused eval operators on this call, for input ``x``."""
+        return (
+            not torch.jit.is_scripting() and not self.training and self.fused and fusions_apply(x) and self._fusable())
 
     def forward_norm_relu(self, x: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
-        """``relu(norm(self(x)))`` for an eval ``nn.BatchNorm2d``, taken chunk by chunk where ``fused_eval()``."""
-        if self.fused_eval() and not (self._forward_hooks or self._forward_pre_hooks):
+        """``relu(norm(self(x)))`` for an eval ``nn.BatchNorm2d``, taken chunk by chunk where ``fused_eval(x)``."""
+        if self.fused_eval(x) and not (self._forward_hooks or self._forward_pre_hooks):
             return self._forward_fused(x, norm)
         return torch.relu_(norm(self(x)))
 
@@ -198,7 +199,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             if not self.training:
-                if self.fused and self._fusable():
+                if self.fused_eval(x):
                     return self._forward_fused(x)
             elif self.recompute and torch.is_grad_enabled() and not _tracing():
                 return self._forward_recompute(x)

@@ -27,7 +27,7 @@ from timm.models._features import feature_take_indices
 from .checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
 from .eval_ops import conv1x1, max_pool2x2
 from .eval_stem import pooled_stem
-from .fusable import eval_batch_norm, identity_in_eval, plain_conv1x1, plain_max_pool2x2, plain_relu
+from .fusable import eval_batch_norm, fusions_apply, identity_in_eval, plain_conv1x1, plain_max_pool2x2, plain_relu
 from .hub_errors import explain_pretrained_errors
 from .hub_ids import hf_hub_id
 from .sam import SA_TYPES, SelfAttention
@@ -100,19 +100,20 @@ class SanBottleneck(nn.Module):
         # eval: the last conv and the residual add as one matmul, unless the model is meant to be scripted
         self.fused = not is_scriptable()
 
-    def _residual_fusable(self) -> bool:
+    def _residual_fusable(self, x: torch.Tensor) -> bool:
         """Whether this eval call may compute ``conv`` and the residual add as one matmul accumulating on ``x``."""
         return (
             self.fused
             and not self.training
             and not torch.compiler.is_compiling()
+            and fusions_apply(x)
             and plain_conv1x1(self.conv)
             and identity_in_eval(self.drop_path)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self._residual_fusable():
+            if self._residual_fusable(x):
                 out = self.act(self.bn1(x))
                 # FX traces through module calls only: the traced graph keeps sam and bn2 as they are
                 if eval_batch_norm(self.bn2) and plain_relu(self.act) and not _fx_tracing():
@@ -345,17 +346,17 @@ class SAN(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
-    def _eval_fused(self) -> bool:
+    def _eval_fused(self, x: torch.Tensor) -> bool:
         """Whether this call may take the eval fusions (each still checks that its modules are the standard ones).
 
-        Not under torch.compile: Inductor fuses the plain modules itself.
+        Not under torch.compile (Inductor fuses the plain modules itself), nor where ``fusions_apply`` says no.
         """
-        return self.fused and not self.training and not torch.compiler.is_compiling()
+        return self.fused and not self.training and not torch.compiler.is_compiling() and fusions_apply(x)
 
     def _stem_pool(self, x: torch.Tensor) -> torch.Tensor:
         """The stem and stage 0's max-pool: ``pool0(act_in(bn_in(conv_in(x))))``."""
         if not torch.jit.is_scripting():
-            if (self._eval_fused() and plain_conv1x1(self.conv_in) and eval_batch_norm(self.bn_in)
+            if (self._eval_fused(x) and plain_conv1x1(self.conv_in) and eval_batch_norm(self.bn_in)
                     and plain_relu(self.act_in) and plain_max_pool2x2(self.pool0)):
                 bn, mean = self.bn_in, self.bn_in.running_mean
                 if self.conv_in.bias is not None:
@@ -367,7 +368,7 @@ class SAN(nn.Module):
     def _forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``index`` after its pool (stage 0's is in ``_stem_pool``, others here): conv, layer, bn, act."""
         pool, conv, layer, bn, act = [getattr(self, name) for name in self._stage_names(index)]
-        fuse = self._eval_fused()
+        fuse = self._eval_fused(x)
         if index > 0:
             x = max_pool2x2(x) if fuse and plain_max_pool2x2(pool) else pool(x)
         x = conv1x1(x, conv.weight, conv.bias) if fuse and plain_conv1x1(conv) else conv(x)
@@ -376,7 +377,7 @@ class SAN(nn.Module):
     def _split_plan(self, x: torch.Tensor, last: int) -> Tuple[int, int]:
         """``(samples per chunk, leading stages run chunk by chunk)`` for ``_forward_stages``; ``0`` stages: none."""
         batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
-        if _fx_tracing() or x.device.type != 'cpu' or not self._eval_fused():
+        if _fx_tracing() or not self._eval_fused(x):
             return batch, 0
         stages = 0
         while stages <= last and STAGE_WIDTHS[stages] * (height >> stages + 1) * (width >> stages + 1) >= \
