@@ -78,15 +78,16 @@ def test_fused_eval_model_equals_plain_module_path(name, size, monkeypatch):
 
 @pytest.mark.parametrize('name', ['san10_pairwise', 'san10_patchwise'])
 def test_batch_split_attention_chunks_and_extended_grid_equal_plain(name, monkeypatch):
-    # at 64px the early stages are split 2 samples at a time, the attention 1 sample at a time, and the
+    # at 64px the early stages are split 2 (or 1) samples at a time, the attention 1 sample at a time, and the
     # narrow maps (8, 4, 2 pixels) are aggregated on the row-extended grid
-    monkeypatch.setattr(san_module, '_SPLIT_ELEMENTS', 2 * 64 * 32 * 32)
+    monkeypatch.setattr(san_module, '_SPLIT_ELEMENTS', 2 * 64 * 32 * 32 // torch.get_num_threads())
     monkeypatch.setattr(san_module, '_SPLIT_MIN_STAGE_ELEMENTS', 1)
     monkeypatch.setattr(ops_fused, '_ATTENTION_CHUNK_ELEMENTS', 1)
     fused, plain = _pair(name, seed=3)
     fused.eval(), plain.eval()
     x = _rand(5, 3, 64, 64, seed=4)
-    assert fused._split_plan(x, 4) == (2, 5)
+    samples, stages = fused._split_plan(x, 4)
+    assert samples in (1, 2) and stages == 5
     with torch.no_grad():
         final, feats = fused.forward_intermediates(x)
         plain_final, plain_feats = plain.forward_intermediates(x)

@@ -31,7 +31,8 @@ __all__ = [
 _CHUNK_ELEMENTS = 1 << 18
 # on a GPU every chunk costs kernel launches: the whole batch in one chunk
 _DEVICE_CHUNK_ELEMENTS = 1 << 27
-# elements of the attention weights of one sample chunk in pairwise_attention / patchwise_attention (CPU)
+# elements of the attention weights of one sample chunk in pairwise_attention / patchwise_attention (CPU), per
+# intra-op thread (each thread works on its share of a chunk; more threads want fewer, larger ops)
 _ATTENTION_CHUNK_ELEMENTS = 1 << 19
 # maps at most this wide are aggregated on the row-extended grid (see _aggregate_extended)
 _EXTENDED_MAX_WIDTH = 16
@@ -70,7 +71,8 @@ def _attention_samples(x: torch.Tensor, per_sample: int) -> int:
     batch = x.shape[0]
     if x.device.type != 'cpu' or torch.compiler.is_compiling():
         return batch
-    return max(1, min(batch, _ATTENTION_CHUNK_ELEMENTS // max(1, per_sample)))
+    budget = _ATTENTION_CHUNK_ELEMENTS * torch.get_num_threads()
+    return max(1, min(batch, budget // max(1, per_sample)))
 
 
 def _extended_size(height: int, width: int, kernel_size: int) -> int:

@@ -39,8 +39,9 @@ STAGE_WIDTHS = (64, 256, 512, 1024, 2048)
 STAGE_KERNELS = (3, 7, 7, 7, 7)
 
 # eval on CPU: the stem and the leading stages whose maps hold at least _SPLIT_MIN_STAGE_ELEMENTS per sample run on
-# chunks of samples whose stage-0 map holds about _SPLIT_ELEMENTS (two samples at 224px), so that a chunk's maps
-# stay in cache from one layer to the next; the small late stages keep the whole batch for their matmuls
+# chunks of samples whose stage-0 map holds about _SPLIT_ELEMENTS per intra-op thread (two samples at 224px on one
+# thread), so that a chunk's maps stay in cache from one layer to the next; the small late stages keep the whole
+# batch for their matmuls
 _SPLIT_ELEMENTS = 1 << 21
 _SPLIT_MIN_STAGE_ELEMENTS = 1 << 18
 
@@ -383,7 +384,8 @@ class SAN(nn.Module):
         while stages <= last and STAGE_WIDTHS[stages] * (height >> stages + 1) * (width >> stages + 1) >= \
                 _SPLIT_MIN_STAGE_ELEMENTS:
             stages += 1
-        samples = max(1, _SPLIT_ELEMENTS // max(1, STAGE_WIDTHS[0] * (height // 2) * (width // 2)))
+        budget = _SPLIT_ELEMENTS * torch.get_num_threads()
+        samples = max(1, budget // max(1, STAGE_WIDTHS[0] * (height // 2) * (width // 2)))
         return samples, (stages if samples < batch else 0)
 
     def _forward_stages(
