@@ -26,7 +26,10 @@ def fusions_apply(x: torch.Tensor) -> bool:
     """Whether the eval fusions may compute on ``x``: a device of ``EVAL_FUSION_DEVICES``, and no autocast.
 
     Under autocast the modules cast their inputs per layer; the fusions' ``out=`` arithmetic keeps one dtype.
+    An FX trace records the fused functions (leaves that run on any device): a traced input has no device yet.
     """
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return True
     return x.device.type in EVAL_FUSION_DEVICES and not torch.is_autocast_enabled(x.device.type)
 
 
