@@ -95,6 +95,12 @@ def test_cumulative_average_non_affine_bn_and_biases_as_the_plain_operators():
         _assert_step_equal(fused, plain, _rand(2, 64, 6, 7, seed=30 + step), seed=40 + step)
 
 
+def test_channels_last_input_and_module():
+    fused, plain = _pair(64, 7, seed=11)
+    fused, plain = fused.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
+    _assert_step_equal(fused, plain, _rand(2, 64, 9, 10, seed=12).to(memory_format=torch.channels_last), seed=13)
+
+
 def test_float32_stays_close_to_the_plain_operators():
     fused, plain = _pair(64, 7, seed=5)
     fused, plain = fused.float(), plain.float()
@@ -144,6 +150,15 @@ def test_san10_training_step_equals_the_official_network():
     ref_buffers = dict(ref.named_buffers())
     for name, b in model.named_buffers():
         torch.testing.assert_close(b, ref_buffers[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_one_value_per_channel_is_refused_as_batchnorm_does():
+    fused, plain = _pair(32, 1)
+    x = _rand(1, 32, 1, 1)
+    with pytest.raises(ValueError, match='more than 1 value per channel'):
+        plain(x)
+    with pytest.raises(ValueError, match='more than 1 value per channel'):
+        fused(x)
 
 
 def test_unsupported_cases_keep_the_recomputation_path():

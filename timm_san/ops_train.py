@@ -580,6 +580,9 @@ def pairwise_attention_train(
         Tensor of shape ``(B, C, H, W)``.
     """
     bn1, map1, bn2, map2 = conv_w[0], conv_w[2], conv_w[3], conv_w[5]
+    if x.shape[0] * kernel_size * kernel_size * x.shape[2] * x.shape[3] == 1:
+        # as BatchNorm refuses it: one value per channel has no variance
+        raise ValueError(f'Expected more than 1 value per channel when training, got input size {list(x.shape)}')
     params = [p for conv in convs for p in (conv.weight, conv.bias)] + [
         bn1.weight, bn1.bias, map1.weight, map1.bias, bn2.weight, bn2.bias, map2.weight, map2.bias]
     out, stats = _PairwiseAttentionTrainFn.apply(x, position, kernel_size, bn1.eps, bn2.eps, *params)
