@@ -1,0 +1,109 @@
+""" Interleaved A/B of the CPU training step of a SAN model: the fused training operator of ``timm_san.ops_train``
+(new) against the recomputation path it replaces (old), with a timm reference model for the ratios
+
+    python benchmarks/train_ab.py --models san10_pairwise --threads 1 --rounds 5
+
+Time per step is wall-clock and process CPU time (at one thread the latter is less sensitive to other processes
+on a shared machine; at two it also counts the threads' spinning). Peak memory is measured twice: with
+``bench.cpu_peak_bytes`` (the sum of the profiler's per-op self memory, which books frees made between the ops of a
+Python ``autograd.Function`` at the Function's start and so can under-count it) and from the profiler's raw
+allocation events in time order (exact).
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+import timm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timm_san.sam as sam_module  # noqa: E402
+from bench import cpu_peak_bytes  # noqa: E402
+
+
+def allocation_peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak of the bytes allocated on CPU while ``fn`` runs, above what was held before, from allocation events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if type(node.extra_fields).__name__ == '_ExtraFields_Allocation':
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    current = peak = 0
+    for _, size in sorted(events):
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+class Step:
+    def __init__(self, name: str, fused: bool, batch: int, size: int):
+        self.name, self.fused = name, fused
+        torch.manual_seed(0)
+        self.model = timm.create_model(name).train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(batch, 3, size, size, generator=gen)
+        self.target = torch.randint(0, 1000, (batch,), generator=gen)
+
+    def __call__(self) -> None:
+        original = sam_module.pairwise_train_supported
+        if not self.fused:
+            sam_module.pairwise_train_supported = lambda *args: False
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(self.x), self.target).backward()
+            self.optimizer.step()
+        finally:
+            sam_module.pairwise_train_supported = original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=['san10_pairwise'])
+    parser.add_argument('--reference', default='resnet26')
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--size', type=int, default=224)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    steps = [Step(args.reference, False, args.batch, args.size)]
+    for name in args.models:
+        steps += [Step(name, False, args.batch, args.size), Step(name, True, args.batch, args.size)]
+    labels = [s.name if s.name == args.reference else f"{s.name} {'new' if s.fused else 'old'}" for s in steps]
+    for step in steps:
+        step()
+    times: Dict[str, List[float]] = {label: [] for label in labels}
+    cpu_times: Dict[str, List[float]] = {label: [] for label in labels}
+    for _ in range(args.rounds):
+        for label, step in zip(labels, steps):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step()
+            times[label].append(time.perf_counter() - start)
+            cpu_times[label].append(time.process_time() - cpu_start)
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, {args.size}px, '
+          f'median of {args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.1f}')
+    allocation_peak_bytes(steps[0])  # the profiler's first run allocates for itself
+    peaks = [(allocation_peak_bytes(step), cpu_peak_bytes(step)) for step in steps]
+    ref_time, ref_cpu = statistics.median(times[labels[0]]), statistics.median(cpu_times[labels[0]])
+    ref_peak, ref_peak_ops = peaks[0]
+    print('| step | s/step | vs ref | CPU s/step | vs ref | peak MiB (alloc events) | vs ref '
+          '| peak MiB (bench.cpu_peak_bytes) | vs ref |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+    for label, (peak, peak_ops) in zip(labels, peaks):
+        t, cpu = statistics.median(times[label]), statistics.median(cpu_times[label])
+        print(f'| {label} | {t:.2f} | {t / ref_time:.2f}x | {cpu:.2f} | {cpu / ref_cpu:.2f}x '
+              f'| {peak / 2 ** 20:.0f} | {peak / ref_peak:.2f}x '
+              f'| {peak_ops / 2 ** 20:.0f} | {peak_ops / ref_peak_ops:.2f}x |')
+
+
+if __name__ == '__main__':
+    main()

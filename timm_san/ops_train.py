@@ -1,0 +1,594 @@
+""" Training-mode pairwise attention of SAN without k x k-fold relation buffers
+
+In training, the weight mapping of pairwise SAM (BN, ReLU, 1x1 conv, BN, ReLU, 1x1 conv, softmax) normalises
+with batch statistics, so the relation ``[x1[c] - x2[nbr]; p[c] - p[nbr]]`` and every intermediate of the mapping
+are ``k * k`` times the size of a feature map, and plain autograd keeps all of them for backward. The operator here
+(SAM's three 1x1 convs, the mapping, softmax and aggregation in one ``torch.autograd.Function``) keeps only SAM's
+input (which the ReLU before it keeps anyway) and per-channel batch statistics. Forward and backward rebuild what
+they need a few footprint rows at a time:
+
+    * the first BatchNorm's mean comes in closed form from map-sized sums, its variance from one pass over
+      relation chunks;
+    * its output is ``(s * x1 + t)[c] - (s * x2)[nbr]``: one affine map of each input, not of the relation;
+    * the hidden layer is kept whole in forward only (the second BatchNorm needs its statistics first);
+    * backward rebuilds the mapping twice: once for the softmax and the second BatchNorm's reductions, once for
+      the first BatchNorm's. The first BatchNorm's input gradient is linear in two maps (its upstream gradient
+      summed over the footprint, and that gradient scattered back onto the neighbours), so it is formed on
+      ``(B, C, H, W)`` maps, never per offset.
+
+The results equal the plain operators (``SelfAttention`` with ``recompute=False``) up to float rounding, the
+BatchNorm running statistics included. Chunks are sized for a CPU core's cache: the operator is meant for CPU.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .ops import (
+    _aggregation, _aggregation_input_grad, footprint_backward, footprint_view, reflect_pad,
+    reflect_pad_backward,
+)
+from .ops_fused import offset_chunks
+
+__all__ = ['pairwise_attention_train', 'pairwise_train_supported']
+
+# elements of one chunk of the relation: about a core's L2 cache, as the eval operators
+_CHUNK_ELEMENTS = 1 << 18
+# elements of the footprint-sized buffers (hidden layer, logits) of one block of whole samples in backward
+_BLOCK_ELEMENTS = 1 << 21
+
+Chunk = Tuple[int, int, int, int]
+
+
+def _chunks(batch: int, planes: int, kernel_size: int, spatial: int) -> List[Chunk]:
+    """``(first sample, end sample, first footprint row, end row)`` of every chunk, samples outermost."""
+    samples, rows = offset_chunks(batch, planes, kernel_size, spatial, _CHUNK_ELEMENTS)
+    return [
+        (b, min(b + samples, batch), r, min(r + rows, kernel_size))
+        for b in range(0, batch, samples) for r in range(0, kernel_size, rows)
+    ]
+
+
+def _blocks(batch: int, sample_elements: int) -> List[Tuple[int, int]]:
+    """Blocks of whole samples whose footprint-sized buffers stay below ``_BLOCK_ELEMENTS``."""
+    samples = max(1, min(batch, _BLOCK_ELEMENTS // max(1, sample_elements)))
+    return [(b, min(b + samples, batch)) for b in range(0, batch, samples)]
+
+
+def _difference(centre: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """``centre - windows`` in a fresh contiguous buffer (broadcasting would pick the windows' permuted layout)."""
+    out = torch.empty(torch.broadcast_shapes(centre.shape, windows.shape), dtype=windows.dtype, device=windows.device)
+    return torch.sub(centre, windows, out=out)
+
+
+def _channel_sums(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sum and sum of squares of a ``(b, C, M)`` tensor (a norm: no squared copy)."""
+    norm = torch.linalg.vector_norm(x, dim=2)
+    return x.sum((0, 2)), (norm * norm).sum(0)
+
+
+def _window_sums(padded: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Sums of all ``k x k`` windows of a padded map, a row then a column at a time (``2 * k`` reads, not
+    ``k * k``)."""
+    return padded.unfold(3, kernel_size, 1).sum(-1).unfold(2, kernel_size, 1).sum(-1)
+
+
+def _box_sum(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Sum of every position's reflection-padded footprint: ``sum over offsets of x[nbr]``."""
+    return _window_sums(reflect_pad(x, kernel_size // 2), kernel_size)
+
+
+def _box_scatter(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Adjoint of ``_box_sum``: every position's value added to each of its neighbours, padding folded back."""
+    k = kernel_size
+    padded = _window_sums(F.pad(x, [k - 1] * 4), k)
+    return reflect_pad_backward(padded, x.shape[-2], x.shape[-1], k // 2)
+
+
+def _read_counts(height: int, width: int, kernel_size: int, like: torch.Tensor) -> torch.Tensor:
+    """``(H, W)``: how many (position, offset) pairs read each pixel as a neighbour (reflection included)."""
+    ones = like.new_ones((1, 1, kernel_size * kernel_size, height * width))
+    return footprint_backward(ones, height, width, kernel_size).view(height, width)
+
+
+def _position_relation(position: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """``p[c] - p[nbr]`` of the ``(1, 2, H, W)`` position encoding, as ``(2, k * k * H * W)``."""
+    _, channels, height, width = position.shape
+    centre = position.reshape(1, channels, 1, 1, height, width)
+    windows = footprint_view(reflect_pad(position, kernel_size // 2), kernel_size)
+    return _difference(centre, windows).view(channels, -1)
+
+
+def _relation_moments(
+        x1: torch.Tensor, x2: torch.Tensor, kernel_size: int, workspace: '_Workspace',
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per channel of ``x1[c] - x2[nbr]`` over batch, footprint and map.
+
+    The mean is exact from two map-sized sums; the variance sums squares of the relation centred on that mean,
+    chunk by chunk (with the usual correction for the rounding of the mean), as a two-pass BatchNorm would.
+    """
+    batch, planes, height, width = x1.shape
+    k = kernel_size
+    n = batch * k * k * height * width
+    counts = _read_counts(height, width, k, x1)
+    mean = (x1.sum((0, 2, 3)) * (k * k) - (x2 * counts).sum((0, 2, 3))) / n
+    centre = (x1 - mean.view(1, planes, 1, 1)).view(batch, planes, 1, 1, height, width)
+    windows = footprint_view(reflect_pad(x2, k // 2), k)
+    linear, square = x1.new_zeros(planes), x1.new_zeros(planes)
+    for b0, b1, r0, r1 in _chunks(batch, planes, k, height * width):
+        chunk_centre, chunk_windows = centre[b0:b1], windows[b0:b1, :, r0:r1]
+        relation = workspace('relation', torch.broadcast_shapes(chunk_centre.shape, chunk_windows.shape))
+        torch.sub(chunk_centre, chunk_windows, out=relation)
+        chunk_linear, chunk_square = _channel_sums(relation.view(b1 - b0, planes, -1))
+        linear += chunk_linear
+        square += chunk_square
+    var = (square - linear * linear / n) / n
+    return mean, var
+
+
+def _aggregation_weight_grad_into(
+        x_padded: torch.Tensor, grad: torch.Tensor, out: torch.Tensor, workspace: '_Workspace') -> None:
+    """Gradient of the aggregation w.r.t. its weights, ``(b, Cw, k * k, H * W)``, written to ``out``."""
+    batch, channels, height, width = grad.shape
+    weight_planes, offsets = out.shape[1], out.shape[2]
+    k = x_padded.shape[-1] - width + 1
+    groups = channels // weight_planes
+    x_padded = x_padded.view(batch, groups, weight_planes, height + k - 1, width + k - 1)
+    grad = grad.view(batch, groups, weight_planes, height, width)
+    out = out.view(batch, weight_planes, offsets, height, width)
+    product = workspace('weight_grad', grad.shape)
+    for kh in range(k):
+        for kw in range(k):
+            torch.mul(x_padded[..., kh:kh + height, kw:kw + width], grad, out=product)
+            torch.sum(product, 1, out=out[:, :, kh * k + kw])
+
+
+def _scatter_rows(grad: torch.Tensor, padded: torch.Tensor, workspace: '_Workspace') -> None:
+    """Add each offset's ``(b, C, rows, k, H, W)`` gradient onto the padded map, shifted by the offset.
+
+    One shifted add per offset on large maps (vectorised and parallel); ``col2im`` (one call per sample, but a
+    scalar loop) where the maps are small and the offsets many.
+    """
+    batch, planes, rows, k, height, width = grad.shape
+    if planes * height * width >= 1 << 14:
+        for i in range(rows):
+            for j in range(k):
+                padded[:, :, i:i + height, j:j + width] += grad[:, :, i, j]
+        return
+    band = (height + rows - 1, width + k - 1)
+    for index in range(batch):
+        folded = torch.ops.aten.col2im.out(
+            grad[index].reshape(planes * rows * k, height * width), band, [rows, k], [1, 1], [0, 0], [1, 1],
+            out=workspace('folded', (planes, *band)))
+        padded[index, :, :band[0]] += folded
+
+
+def _sam_convs(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+    """conv1, conv2, conv3 of SAM as one 1x1 conv (one pass over ``x``), split into channel slices (views)."""
+    weights, biases = params[0::2], params[1::2]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([x.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
+    out = F.conv2d(x, torch.cat(list(weights)), bias)
+    return list(out.split([w.shape[0] for w in weights], dim=1))
+
+
+def _bn_coefficients(
+        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``bn(x) == x * scale + shift`` with batch statistics."""
+    scale = invstd if weight is None else invstd * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+class _Workspace:
+    """Buffers reused from chunk to chunk, by name.
+
+    A fresh allocation of a chunk-sized buffer is returned to the system when freed and page-faults again on its
+    first write: for chunks of a few hundred thousand elements that costs more than the arithmetic.
+    """
+
+    def __init__(self, like: torch.Tensor):
+        self.like = like
+        self.buffers: Dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, shape: Sequence[int]) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.like.new_empty(numel)
+            self.buffers[name] = buffer
+        return buffer[:numel].view(shape)
+
+
+def _matmul(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``weight @ x`` of a ``(b, K, M)`` batch into ``out`` (which may be a strided view when ``b == 1``)."""
+    if x.shape[0] == 1:
+        torch.mm(weight, x[0], out=out[0])
+    else:
+        torch.matmul(weight, x, out=out)
+    return out
+
+
+def _add_outer(acc: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """``acc += sum over the batch of left[b] @ right[b].T`` for ``(b, *, M)`` batches."""
+    for index in range(left.shape[0]):
+        acc.addmm_(left[index], right[index].t())
+
+
+def _relu_(grad: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """ReLU backward in place: ``grad`` where the ReLU's output ``result`` is positive, else zero."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, result, 0, grad_input=grad)
+
+
+class _Mapping:
+    """The first BatchNorm and the first layer of the mapping once the first batch statistics are known.
+
+    ``act(chunk)`` is ``relu(bn1(relation))`` of the feature channels of a chunk, ``pos_act`` that of the position
+    channels (one for all samples), and ``hidden(chunk, act)`` the first layer's output less a shift.
+    """
+
+    def __init__(
+            self,
+            x1: torch.Tensor,
+            x2: torch.Tensor,
+            position: torch.Tensor,
+            bn1_scale: torch.Tensor,
+            bn1_shift: torch.Tensor,
+            weight1: torch.Tensor,
+            bias1: Optional[torch.Tensor],
+            kernel_size: int,
+            workspace: _Workspace,
+    ):
+        batch, planes, height, width = x1.shape
+        k = kernel_size
+        self.planes, self.kernel_size, self.workspace = planes, k, workspace
+        scale, shift = bn1_scale[:planes].view(1, planes, 1, 1), bn1_shift[:planes].view(1, planes, 1, 1)
+        self.centre = (x1 * scale + shift).view(batch, planes, 1, 1, height, width)
+        self.windows = footprint_view(reflect_pad(x2 * scale, k // 2), k)
+        self.pos_relation = _position_relation(position, k)
+        pos_scale, pos_shift = bn1_scale[planes:].view(-1, 1), bn1_shift[planes:].view(-1, 1)
+        self.pos_act = torch.relu(self.pos_relation * pos_scale + pos_shift)
+        self.weight = weight1[:, :planes].contiguous()
+        self.weight_t = self.weight.t().contiguous()
+        self.pos_weight = weight1[:, planes:].contiguous()
+        # the position channels' share of the first layer is the same for every sample
+        pos_hidden = torch.mm(self.pos_weight, self.pos_act)
+        if bias1 is not None:
+            pos_hidden += bias1.view(-1, 1)
+        self.pos_hidden = pos_hidden.view(planes, k, -1)
+
+    def shift_hidden(self, shift: torch.Tensor) -> None:
+        """Subtract ``shift`` (per channel) from every later ``hidden``."""
+        self.pos_hidden -= shift.view(-1, 1, 1)
+
+    def act(self, chunk: Chunk) -> torch.Tensor:
+        """``(b, R, rows * k * H * W)``: feature channels of ``relu(bn1(relation))`` of a chunk (a workspace)."""
+        b0, b1, r0, r1 = chunk
+        centre, windows = self.centre[b0:b1], self.windows[b0:b1, :, r0:r1]
+        act = self.workspace('act', torch.broadcast_shapes(centre.shape, windows.shape))
+        return torch.sub(centre, windows, out=act).relu_().view(b1 - b0, self.planes, -1)
+
+    def hidden(self, chunk: Chunk, act: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(b, R, rows, k * H * W)``: the first layer's output of a chunk, into ``out`` or a workspace."""
+        b0, b1, r0, r1 = chunk
+        num, rows = b1 - b0, r1 - r0
+        if out is None:
+            out = self.workspace('hidden', (num, self.planes, rows, act.shape[2] // rows))
+        _matmul(self.weight, act, out.view(num, self.planes, -1) if out.is_contiguous() else out.flatten(2))
+        return out.add_(self.pos_hidden[:, r0:r1])
+
+
+class _PairwiseAttentionTrainFn(torch.autograd.Function):
+    """SAM's 1x1 convs, pairwise weight mapping (training-mode BatchNorms), softmax and aggregation.
+
+    Saves SAM's input, the parameters and the batch statistics; everything else is rebuilt in backward.
+    """
+
+    @staticmethod
+    def forward(
+            ctx,
+            x: torch.Tensor,
+            position: torch.Tensor,
+            kernel_size: int,
+            eps1: float,
+            eps2: float,
+            *params: Optional[torch.Tensor],
+    ):
+        bn1_weight, bn1_bias, map1_w, map1_b, bn2_weight, bn2_bias, map2_w, map2_b = params[6:]
+        x1, x2, x3 = _sam_convs(x, params[:6])
+        batch, planes, height, width = x1.shape
+        k, spatial, offsets = kernel_size, height * width, kernel_size * kernel_size
+        n = batch * offsets * spatial
+        weight2 = map2_w.reshape(map2_w.shape[0], -1)
+        weight_planes = weight2.shape[0]
+        workspace = _Workspace(x1)
+
+        mean_rel, var_rel = _relation_moments(x1, x2, k, workspace)
+        pos_var, pos_mean = torch.var_mean(_position_relation(position, k), dim=1, correction=0)
+        mean1, var1 = torch.cat([mean_rel, pos_mean]), torch.cat([var_rel, pos_var])
+        invstd1 = torch.rsqrt(var1 + eps1)
+        scale1, shift1 = _bn_coefficients(bn1_weight, bn1_bias, mean1, invstd1)
+        mapping = _Mapping(x1, x2, position, scale1, shift1, map1_w.reshape(planes, -1), map1_b, k, workspace)
+
+        # the hidden layer less a shift (the first chunk's mean), summed on the fly for the second BatchNorm
+        hidden = x1.new_empty((batch, planes, k, k * spatial))
+        hidden_shift = linear = square = x1.new_zeros(planes)
+        for index, chunk in enumerate(_chunks(batch, planes, k, spatial)):
+            b0, b1, r0, r1 = chunk
+            chunk_hidden = mapping.hidden(chunk, mapping.act(chunk), hidden[b0:b1, :, r0:r1])
+            if index == 0:
+                hidden_shift = chunk_hidden.mean((0, 2, 3))
+                chunk_hidden -= hidden_shift.view(-1, 1, 1)
+                mapping.shift_hidden(hidden_shift)
+            chunk_linear, chunk_square = _channel_sums(chunk_hidden.flatten(2))
+            linear, square = linear + chunk_linear, square + chunk_square
+        var2 = (square - linear * linear / n) / n
+        mean2 = hidden_shift + linear / n
+        invstd2 = torch.rsqrt(var2 + eps2)
+        scale2, shift2 = _bn_coefficients(bn2_weight, bn2_bias, linear / n, invstd2)
+
+        out = x3.new_empty(x3.shape)
+        for b0, b1 in _blocks(batch, planes * offsets * spatial):
+            num = b1 - b0
+            act2 = hidden[b0:b1].view(num, planes, -1)
+            act2.mul_(scale2.view(-1, 1)).add_(shift2.view(-1, 1)).relu_()
+            logits = _matmul(weight2, act2, workspace('logits', (num, weight_planes, offsets * spatial)))
+            if map2_b is not None:
+                logits += map2_b.view(-1, 1)
+            weights = workspace('weights', (num, weight_planes, offsets, spatial))
+            torch.ops.aten._softmax.out(logits.view(weights.shape), 2, False, out=weights)
+            out[b0:b1] = _aggregation(x3[b0:b1], weights, k)
+
+        ctx.kernel_size = k
+        ctx.save_for_backward(x, position, mean1, invstd1, mean2, invstd2, *params)
+        # unbiased variances for the running statistics, as BatchNorm keeps them
+        unbias = n / max(n - 1, 1)
+        stats = torch.cat([mean1, var1 * unbias, mean2, var2 * unbias])
+        ctx.mark_non_differentiable(stats)
+        return out, stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor, grad_stats: torch.Tensor):
+        saved = ctx.saved_tensors  # once: a checkpoint around the module refuses a second unpack
+        x, position, mean1, invstd1, mean2, invstd2 = saved[:6]
+        params = saved[6:]
+        conv1_w, conv1_b, conv2_w, conv2_b, conv3_w, conv3_b = params[:6]
+        bn1_weight, bn1_bias, map1_w, map1_b, bn2_weight, bn2_bias, map2_w, map2_b = params[6:]
+        x1, x2, x3 = _sam_convs(x, params[:6])
+        k = ctx.kernel_size
+        batch, planes, height, width = x1.shape
+        spatial, offsets = height * width, k * k
+        n = batch * offsets * spatial
+        weight2 = map2_w.reshape(map2_w.shape[0], -1)
+        weight_planes = weight2.shape[0]
+        grad_out = grad_out.contiguous()
+        workspace = _Workspace(x1)
+
+        scale1, shift1 = _bn_coefficients(bn1_weight, bn1_bias, mean1, invstd1)
+        mapping = _Mapping(x1, x2, position, scale1, shift1, map1_w.reshape(planes, -1), map1_b, k, workspace)
+        # hidden rebuilt centred on the second BatchNorm's mean: bn2(hidden) = scale2 * hidden_centred + bias2
+        mapping.shift_hidden(mean2)
+        scale2 = invstd2 if bn2_weight is None else invstd2 * bn2_weight
+        bias2 = torch.zeros_like(mean2) if bn2_bias is None else bn2_bias
+        scale2_col, bias2_col = scale2.view(-1, 1), bias2.view(-1, 1)
+        weight2_t = weight2.t().contiguous()
+
+        # pass 1, whole samples (the softmax spans the footprint): aggregation and softmax backward, the last
+        # layer's gradients, and the reductions of the second BatchNorm's backward
+        grad_x3 = x3.new_empty(x3.shape)
+        grad_logits = x1.new_empty((batch, weight_planes, offsets, spatial))
+        grad_weight2, grad_bias2 = x1.new_zeros(weight2.shape), x1.new_zeros(weight_planes)
+        sum_gy2, sum_gy2_hc = x1.new_zeros(planes), x1.new_zeros(planes)
+        x3_padded = reflect_pad(x3, k // 2)
+        for s0, s1 in _blocks(batch, planes * offsets * spatial):
+            num = s1 - s0
+            hidden = workspace('block_hidden', (num, planes, k, k * spatial))
+            for b0, b1, r0, r1 in _chunks(num, planes, k, spatial):
+                chunk = (s0 + b0, s0 + b1, r0, r1)
+                mapping.hidden(chunk, mapping.act(chunk), hidden[b0:b1, :, r0:r1])
+            hidden = hidden.view(num, planes, -1)
+            act2 = torch.mul(hidden, scale2_col, out=workspace('block_act2', hidden.shape))
+            act2.add_(bias2_col).relu_()
+            logits = _matmul(weight2, act2, workspace('block_logits', (num, weight_planes, offsets * spatial)))
+            if map2_b is not None:
+                logits += map2_b.view(-1, 1)
+            weights = workspace('block_weights', (num, weight_planes, offsets, spatial))
+            torch.ops.aten._softmax.out(logits.view(weights.shape), 2, False, out=weights)
+            grad_x3[s0:s1] = _aggregation_input_grad(grad_out[s0:s1], weights, k)
+            block_grad = grad_logits[s0:s1]
+            _aggregation_weight_grad_into(x3_padded[s0:s1], grad_out[s0:s1], block_grad, workspace)
+            # softmax backward in place
+            product = torch.mul(weights, block_grad, out=logits.view(weights.shape))
+            block_grad.sub_(product.sum(2, keepdim=True)).mul_(weights)
+            block_grad = block_grad.view(num, weight_planes, -1)
+            _add_outer(grad_weight2, block_grad, act2)
+            grad_bias2 += block_grad.sum((0, 2))
+            gy2 = _relu_(_matmul(weight2_t, block_grad, workspace('block_gy2', hidden.shape)), act2)
+            sum_gy2 += gy2.sum((0, 2))
+            sum_gy2_hc += torch.mul(gy2, hidden, out=act2).sum((0, 2))
+        del x3, x3_padded
+
+        # second BatchNorm: grad_hidden = scale2 * gy2 + hidden_centred * coef_hc + coef_const
+        coef_hc = (-scale2 * sum_gy2_hc * invstd2 * invstd2 / n).view(-1, 1)
+        coef_const = (-scale2 * sum_gy2 / n).view(-1, 1)
+        scaled_weight2_t = weight2_t * scale2_col
+
+        # pass 2, footprint rows: the first layer's weight gradient and the first BatchNorm's upstream gradient
+        # gy1, kept only as its sum over the footprint (centre) and its scatter onto the neighbours (padded)
+        pad = k // 2
+        grad_weight1 = x1.new_zeros((planes, planes))
+        grad_hidden_pos = x1.new_zeros((planes, k, k * spatial))
+        gy1_centre = x1.new_zeros(x1.shape)
+        gy1_padded = x1.new_zeros((batch, planes, height + 2 * pad, width + 2 * pad))
+        grad_logits = grad_logits.view(batch, weight_planes, k, k * spatial)
+        for chunk in _chunks(batch, planes, k, spatial):
+            b0, b1, r0, r1 = chunk
+            num, rows = b1 - b0, r1 - r0
+            act = mapping.act(chunk)
+            hidden = mapping.hidden(chunk, act).view(num, planes, -1)
+            act2 = torch.mul(hidden, scale2_col, out=workspace('act2', hidden.shape)).add_(bias2_col)
+            chunk_grad_logits = workspace('grad_logits', (num, weight_planes, rows, k * spatial))
+            chunk_grad_logits.copy_(grad_logits[b0:b1, :, r0:r1])
+            grad_hidden = _matmul(
+                scaled_weight2_t, chunk_grad_logits.view(num, weight_planes, -1),
+                workspace('grad_hidden', hidden.shape))
+            _relu_(grad_hidden, act2).addcmul_(hidden, coef_hc).add_(coef_const)
+            _add_outer(grad_weight1, grad_hidden, act)
+            grad_hidden_pos[:, r0:r1] += (grad_hidden[0] if num == 1 else grad_hidden.sum(0)).view(planes, rows, -1)
+            gy1 = _relu_(_matmul(mapping.weight_t, grad_hidden, workspace('gy1', hidden.shape)), act)
+            gy1 = gy1.view(num, planes, rows * k, spatial)
+            gy1_centre[b0:b1] += gy1.sum(2).view(num, planes, height, width)
+            _scatter_rows(gy1.view(num, planes, rows, k, height, width), gy1_padded[b0:b1, :, r0:], workspace)
+        gy1_nbr = reflect_pad_backward(gy1_padded, height, width, pad)
+        del grad_logits, gy1_padded
+        workspace.buffers.clear()
+
+        # the position channels: one relation for all samples, so their gradients are sums over the batch
+        grad_hidden_pos = grad_hidden_pos.view(planes, -1)
+        grad_weight1_pos = torch.mm(grad_hidden_pos, mapping.pos_act.t())
+        gy1_pos = torch.ops.aten.threshold_backward(
+            torch.mm(mapping.pos_weight.t(), grad_hidden_pos), mapping.pos_act, 0)
+        pos_centred = mapping.pos_relation - mean1[planes:].view(-1, 1)
+
+        # first BatchNorm's reductions: sum(gy1) and sum(gy1 * (relation - mean1)), the latter from the two maps,
+        # both centred on the mean of x2 (the sum does not depend on it) against cancellation
+        rel = slice(0, planes)
+        x1_centred = x1 - mean1[rel].view(1, -1, 1, 1)
+        mean_x2 = x2.mean((0, 2, 3), keepdim=True)
+        sum_gy1 = torch.cat([gy1_centre.sum((0, 2, 3)), gy1_pos.sum(1)])
+        sum_gy1_d = torch.cat([
+            (gy1_centre * (x1_centred - mean_x2)).sum((0, 2, 3)) - (gy1_nbr * (x2 - mean_x2)).sum((0, 2, 3)),
+            (gy1_pos * pos_centred).sum(1),
+        ])
+        # grad_relation = scale1 * (gy1 - mean(gy1) - (relation - mean1) * coef1)
+        mean_gy1 = sum_gy1 / n
+        coef1 = sum_gy1_d * invstd1 * invstd1 / n
+
+        # feature channels: grad_relation summed over the footprint (x1) and scattered to the neighbours (x2)
+        def col(t: torch.Tensor) -> torch.Tensor:
+            return t[rel].view(1, -1, 1, 1)
+
+        counts = _read_counts(height, width, k, x1)
+        relation_centre = x1_centred * offsets - _box_sum(x2, k)
+        relation_nbr = _box_scatter(x1_centred, k) - x2 * counts
+        grad_x1 = col(scale1) * (gy1_centre - col(mean_gy1) * offsets - col(coef1) * relation_centre)
+        grad_x2 = col(scale1) * (col(mean_gy1) * counts + col(coef1) * relation_nbr - gy1_nbr)
+
+        # position channels, summed over the batch; then the gradient of p[c] - p[nbr]
+        pos = slice(planes, planes + 2)
+        grad_pos_relation = scale1[pos].view(-1, 1) * (
+            gy1_pos - batch * mean_gy1[pos].view(-1, 1) - batch * coef1[pos].view(-1, 1) * pos_centred)
+        grad_pos_relation = grad_pos_relation.view(1, 2, offsets, spatial)
+        grad_position = (grad_pos_relation.sum(2).view(1, 2, height, width)
+                         - footprint_backward(grad_pos_relation, height, width, k))
+
+        # SAM's three 1x1 convs as one
+        convs = [(conv1_w, conv1_b), (conv2_w, conv2_b), (conv3_w, conv3_b)]
+        grad_x, grad_conv_w, grad_conv_b = torch.ops.aten.convolution_backward(
+            torch.cat([grad_x1, grad_x2, grad_x3], dim=1), x, torch.cat([w for w, _ in convs]), None,
+            [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [ctx.needs_input_grad[0], True, True])
+        grad_convs: List[Optional[torch.Tensor]] = []
+        start = 0
+        for w, b in convs:
+            end = start + w.shape[0]
+            grad_convs += [grad_conv_w[start:end], grad_conv_b[start:end] if b is not None else None]
+            start = end
+
+        grad_mapping = [
+            sum_gy1_d * invstd1 if bn1_weight is not None else None,
+            sum_gy1 if bn1_bias is not None else None,
+            torch.cat([grad_weight1, grad_weight1_pos], dim=1).view(map1_w.shape),
+            grad_hidden_pos.sum(1) if map1_b is not None else None,
+            sum_gy2_hc * invstd2 if bn2_weight is not None else None,
+            sum_gy2 if bn2_bias is not None else None,
+            grad_weight2.view(map2_w.shape),
+            grad_bias2 if map2_b is not None else None,
+        ]
+        return (grad_x, grad_position, None, None, None, *grad_convs, *grad_mapping)
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """What ``nn.BatchNorm2d`` does to its buffers in a training forward, given the unbiased batch variance."""
+    assert bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None
+    bn.num_batches_tracked.add_(1)
+    factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+    bn.running_var.mul_(1 - factor).add_(var.to(bn.running_var.dtype), alpha=factor)
+
+
+def _autocast_cpu() -> bool:
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+        and conv.dilation == (1, 1) and conv.groups == 1
+    )
+
+
+def pairwise_train_supported(x: torch.Tensor, convs: List[nn.Module], conv_w: nn.Sequential) -> bool:
+    """Whether ``pairwise_attention_train`` applies to SAM's modules and input.
+
+    CPU float32 / float64 without autocast; conv1..3 plain 1x1 convs; the mapping the BN / ReLU / conv stack
+    (``SelfAttention._fusable``) with both BatchNorms in training mode.
+    """
+    bn1, bn2 = conv_w[0], conv_w[3]
+    return (
+        x.device.type == 'cpu'
+        and x.dtype in (torch.float32, torch.float64)
+        and not _autocast_cpu()
+        and all(_plain_conv(conv) for conv in convs)
+        and bn1.training and bn2.training
+        and bn1.track_running_stats and bn2.track_running_stats
+    )
+
+
+def pairwise_attention_train(
+        x: torch.Tensor,
+        position: torch.Tensor,
+        convs: List[nn.Module],
+        conv_w: nn.Sequential,
+        kernel_size: int,
+) -> torch.Tensor:
+    """Pairwise SAM in training mode: 1x1 convs, weight mapping with batch statistics, softmax, aggregation.
+
+    Updates the running statistics of both BatchNorms of ``conv_w`` as their training forward would. Forward hooks
+    of the convs and of the mapping's layers are not called (their modules are not).
+
+    Args:
+        x: SAM's input ``(B, C_in, H, W)``.
+        position: Position encoding ``(1, 2, H, W)`` (conv_p output).
+        convs: ``[conv1, conv2, conv3]``: 1x1 convs to the relation (``R``, twice) and value (``C``) channels.
+        conv_w: The weight mapping: BatchNorm2d(R + 2), ReLU, Conv2d(R + 2, R, 1), BatchNorm2d(R), ReLU,
+            Conv2d(R, Cw, 1); BatchNorms in training mode with running statistics.
+        kernel_size: Footprint side ``k`` (odd).
+
+    Returns:
+        Tensor of shape ``(B, C, H, W)``.
+    """
+    bn1, map1, bn2, map2 = conv_w[0], conv_w[2], conv_w[3], conv_w[5]
+    if x.shape[0] * kernel_size * kernel_size * x.shape[2] * x.shape[3] == 1:
+        # as BatchNorm refuses it: one value per channel has no variance
+        raise ValueError(f'Expected more than 1 value per channel when training, got input size {list(x.shape)}')
+    params = [p for conv in convs for p in (conv.weight, conv.bias)] + [
+        bn1.weight, bn1.bias, map1.weight, map1.bias, bn2.weight, bn2.bias, map2.weight, map2.bias]
+    out, stats = _PairwiseAttentionTrainFn.apply(x, position, kernel_size, bn1.eps, bn2.eps, *params)
+    with torch.no_grad():
+        planes = bn2.num_features
+        mean1, var1, mean2, var2 = stats.split([planes + 2, planes + 2, planes, planes])
+        _update_running_stats(bn1, mean1, var1)
+        _update_running_stats(bn2, mean2, var2)
+    return out
