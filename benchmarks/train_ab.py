@@ -4,17 +4,15 @@
     python benchmarks/train_ab.py --models san10_pairwise --threads 1 --rounds 5
 
 Time per step is wall-clock and process CPU time (at one thread the latter is less sensitive to other processes
-on a shared machine; at two it also counts the threads' spinning). Peak memory is measured twice: with
-``bench.cpu_peak_bytes`` (the sum of the profiler's per-op self memory, which books frees made between the ops of a
-Python ``autograd.Function`` at the Function's start and so can under-count it) and from the profiler's raw
-allocation events in time order (exact).
+on a shared machine; at two it also counts the threads' spinning). Peak memory is ``bench.cpu_peak_bytes``: the
+profiler's allocation events in time order.
 """
 import argparse
 import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -23,24 +21,6 @@ import timm
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timm_san.sam as sam_module  # noqa: E402
 from bench import cpu_peak_bytes  # noqa: E402
-
-
-def allocation_peak_bytes(fn: Callable[[], None]) -> int:
-    """Peak of the bytes allocated on CPU while ``fn`` runs, above what was held before, from allocation events."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if type(node.extra_fields).__name__ == '_ExtraFields_Allocation':
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    current = peak = 0
-    for _, size in sorted(events):
-        current += size
-        peak = max(peak, current)
-    return peak
 
 
 class Step:
@@ -91,18 +71,16 @@ def main() -> None:
             cpu_times[label].append(time.process_time() - cpu_start)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, {args.size}px, '
           f'median of {args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.1f}')
-    allocation_peak_bytes(steps[0])  # the profiler's first run allocates for itself
-    peaks = [(allocation_peak_bytes(step), cpu_peak_bytes(step)) for step in steps]
+    cpu_peak_bytes(steps[0])  # the profiler's first run allocates for itself
+    peaks = [cpu_peak_bytes(step) for step in steps]
     ref_time, ref_cpu = statistics.median(times[labels[0]]), statistics.median(cpu_times[labels[0]])
-    ref_peak, ref_peak_ops = peaks[0]
-    print('| step | s/step | vs ref | CPU s/step | vs ref | peak MiB (alloc events) | vs ref '
-          '| peak MiB (bench.cpu_peak_bytes) | vs ref |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
-    for label, (peak, peak_ops) in zip(labels, peaks):
+    ref_peak = peaks[0]
+    print('| step | s/step | vs ref | CPU s/step | vs ref | peak MiB | vs ref |')
+    print('|---|---:|---:|---:|---:|---:|---:|')
+    for label, peak in zip(labels, peaks):
         t, cpu = statistics.median(times[label]), statistics.median(cpu_times[label])
         print(f'| {label} | {t:.2f} | {t / ref_time:.2f}x | {cpu:.2f} | {cpu / ref_cpu:.2f}x '
-              f'| {peak / 2 ** 20:.0f} | {peak / ref_peak:.2f}x '
-              f'| {peak_ops / 2 ** 20:.0f} | {peak_ops / ref_peak_ops:.2f}x |')
+              f'| {peak / 2 ** 20:.0f} | {peak / ref_peak:.2f}x |')
 
 
 if __name__ == '__main__':
