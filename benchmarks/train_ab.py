@@ -34,15 +34,15 @@ class Step:
         self.target = torch.randint(0, 1000, (batch,), generator=gen)
 
     def __call__(self) -> None:
-        original = sam_module.pairwise_train_supported
+        original = sam_module.train_supported
         if not self.fused:
-            sam_module.pairwise_train_supported = lambda *args: False
+            sam_module.train_supported = lambda *args: False
         try:
             self.optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(self.model(self.x), self.target).backward()
             self.optimizer.step()
         finally:
-            sam_module.pairwise_train_supported = original
+            sam_module.train_supported = original
 
 
 def main() -> None:

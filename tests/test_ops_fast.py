@@ -77,9 +77,9 @@ def test_train_mode_never_takes_the_fused_path(sa_type, monkeypatch):
 
 @pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
 def test_recomputed_training_equals_plain_autograd(sa_type, monkeypatch):
-    # pairwise takes the fused training operator on CPU (tests/test_ops_train.py); the recomputation stays for the
-    # cases that operator leaves out (other devices, autocast), so it is tested here with the operator turned off
-    monkeypatch.setattr(sam_module, 'pairwise_train_supported', lambda *args: False)
+    # training takes the fused operators on CPU (tests/test_ops_train.py); the recomputation stays for the
+    # cases those operators leave out (other devices, autocast), so it is tested here with them turned off
+    monkeypatch.setattr(sam_module, 'train_supported', lambda *args: False)
     fast, plain = _sam(sa_type, 7, seed=5).train(), _sam(sa_type, 7, seed=5).train()
     plain.recompute = False
     x1 = _rand(2, 32, 8, 7, seed=6).requires_grad_()

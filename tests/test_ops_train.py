@@ -1,4 +1,4 @@
-"""The training-mode pairwise attention operator against the plain operators and the official network."""
+"""The training-mode attention operators against the plain operators and the official network."""
 import copy
 
 import pytest
@@ -11,16 +11,17 @@ from timm_san import ops_train
 from timm_san.sam import SelfAttention
 from reference import official_model, randomize_, repeated_reflect_pad
 
-FUSED_NODE = '_PairwiseAttentionTrainFnBackward'
+FUSED_NODE = {'pairwise': '_PairwiseAttentionTrainFnBackward', 'patchwise': '_PatchwiseAttentionTrainFnBackward'}
+SA_TYPES = ['pairwise', 'patchwise']
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def _pair(planes: int, kernel_size: int, seed: int = 0):
+def _pair(sa_type: str, planes: int, kernel_size: int, seed: int = 0):
     """(module taking the fused training path, the same module on the plain operators)."""
-    fused = SelfAttention('pairwise', planes, planes // 16, planes // 4, share_planes=8, kernel_size=kernel_size)
+    fused = SelfAttention(sa_type, planes, planes // 16, planes // 4, share_planes=8, kernel_size=kernel_size)
     fused = randomize_(fused, seed=seed).double().train()
     plain = copy.deepcopy(fused)
     plain.recompute = False
@@ -39,11 +40,16 @@ def _graph_names(out: torch.Tensor):
     return names
 
 
+def _fused_taken(out: torch.Tensor) -> bool:
+    names = _graph_names(out)
+    return any(node in names for node in FUSED_NODE.values())
+
+
 def _assert_step_equal(fused: nn.Module, plain: nn.Module, x: torch.Tensor, seed: int) -> None:
     """One training step (forward, backward) of both modules: outputs, gradients and buffers agree."""
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_fused, out_plain = fused(xa), plain(xb)
-    assert FUSED_NODE in _graph_names(out_fused) and FUSED_NODE not in _graph_names(out_plain)
+    assert FUSED_NODE[fused.sa_type] in _graph_names(out_fused) and not _fused_taken(out_plain)
     torch.testing.assert_close(out_fused, out_plain, rtol=1e-10, atol=1e-12)
     upstream = _rand(*out_plain.shape, seed=seed)
     out_fused.backward(upstream), out_plain.backward(upstream)
@@ -59,7 +65,7 @@ def _assert_step_equal(fused: nn.Module, plain: nn.Module, x: torch.Tensor, seed
 
 @pytest.fixture(params=['default', 'rows-1', 'rows-2', 'samples-2'])
 def chunking(request, monkeypatch):
-    """The operator's own chunking, and forced chunks: one or two footprint rows of one sample, two samples."""
+    """The operators' own chunking, and forced chunks: one or two footprint rows of one sample, two samples."""
     if request.param == 'default':
         return
     samples, rows = {'rows-1': (1, 1), 'rows-2': (1, 2), 'samples-2': (2, 99)}[request.param]
@@ -68,26 +74,28 @@ def chunking(request, monkeypatch):
     monkeypatch.setattr(ops_train, '_BLOCK_ELEMENTS', 1)
 
 
+@pytest.mark.parametrize('sa_type', SA_TYPES)
 @pytest.mark.parametrize('planes,kernel_size,size', [
     (32, 3, (9, 10)), (64, 7, (9, 10)), (32, 7, (5, 5)), (64, 7, (3, 2)), (32, 3, (1, 1)),
     (256, 7, (32, 33)),  # large enough maps for the shifted-add scatter (not col2im)
 ])
-def test_two_training_steps_equal_the_plain_operators(planes, kernel_size, size, chunking):
-    fused, plain = _pair(planes, kernel_size)
+def test_two_training_steps_equal_the_plain_operators(sa_type, planes, kernel_size, size, chunking):
+    fused, plain = _pair(sa_type, planes, kernel_size)
     for step in range(2):
         x = _rand(3, planes, *size, seed=10 + step)
         _assert_step_equal(fused, plain, x, seed=20 + step)
     assert fused.conv_w[0].num_batches_tracked.item() == 12345 + 2
 
 
-def test_cumulative_average_non_affine_bn_and_biases_as_the_plain_operators():
-    fused, _ = _pair(64, 7, seed=3)
-    rel = fused.conv1.out_channels
-    # module surgery the operator still takes: other BatchNorm options, biases added or removed
-    fused.conv_w[0] = nn.BatchNorm2d(rel + 2, momentum=None, affine=False).double()
-    fused.conv_w[2] = nn.Conv2d(rel + 2, rel, 1, bias=True).double()
-    fused.conv_w[5] = nn.Conv2d(rel, fused.conv_w[5].out_channels, 1, bias=False).double()
-    fused.conv1 = nn.Conv2d(64, rel, 1, bias=False).double()
+@pytest.mark.parametrize('sa_type', SA_TYPES)
+def test_cumulative_average_non_affine_bn_and_biases_as_the_plain_operators(sa_type):
+    fused, _ = _pair(sa_type, 64, 7, seed=3)
+    # module surgery the operators still take: other BatchNorm options, biases added or removed
+    mapping_in, hidden = fused.conv_w[2].in_channels, fused.conv_w[2].out_channels
+    fused.conv_w[0] = nn.BatchNorm2d(mapping_in, momentum=None, affine=False).double()
+    fused.conv_w[2] = nn.Conv2d(mapping_in, hidden, 1, bias=True).double()
+    fused.conv_w[5] = nn.Conv2d(hidden, fused.conv_w[5].out_channels, 1, bias=False).double()
+    fused.conv1 = nn.Conv2d(64, fused.conv1.out_channels, 1, bias=False).double()
     randomize_(fused, seed=4)
     plain = copy.deepcopy(fused)
     plain.recompute = False
@@ -95,14 +103,16 @@ def test_cumulative_average_non_affine_bn_and_biases_as_the_plain_operators():
         _assert_step_equal(fused, plain, _rand(2, 64, 6, 7, seed=30 + step), seed=40 + step)
 
 
-def test_channels_last_input_and_module():
-    fused, plain = _pair(64, 7, seed=11)
+@pytest.mark.parametrize('sa_type', SA_TYPES)
+def test_channels_last_input_and_module(sa_type):
+    fused, plain = _pair(sa_type, 64, 7, seed=11)
     fused, plain = fused.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
     _assert_step_equal(fused, plain, _rand(2, 64, 9, 10, seed=12).to(memory_format=torch.channels_last), seed=13)
 
 
-def test_float32_stays_close_to_the_plain_operators():
-    fused, plain = _pair(64, 7, seed=5)
+@pytest.mark.parametrize('sa_type', SA_TYPES)
+def test_float32_stays_close_to_the_plain_operators(sa_type):
+    fused, plain = _pair(sa_type, 64, 7, seed=5)
     fused, plain = fused.float(), plain.float()
     x = _rand(2, 64, 12, 11, seed=6, dtype=torch.float32) * 3 + 1
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -116,8 +126,10 @@ def test_float32_stays_close_to_the_plain_operators():
         torch.testing.assert_close(b, plain_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_gradcheck():
-    module = randomize_(SelfAttention('pairwise', 4, 2, 4, share_planes=2, kernel_size=3), seed=8).double().train()
+@pytest.mark.parametrize('sa_type', SA_TYPES)
+def test_gradcheck(sa_type):
+    module = SelfAttention(sa_type, 4, 2, 4, share_planes=2, kernel_size=3)
+    module = randomize_(module, seed=8).double().train()
     bn1, map1, bn2, map2 = module.conv_w[0], module.conv_w[2], module.conv_w[3], module.conv_w[5]
     params = [p.detach().clone().requires_grad_() for p in (
         module.conv1.weight, module.conv1.bias, module.conv2.weight, module.conv2.bias, module.conv3.weight,
@@ -126,34 +138,38 @@ def test_gradcheck():
     x = _rand(2, 4, 3, 4, seed=9).requires_grad_()
     position = _rand(1, 2, 3, 4, seed=10).requires_grad_()
 
-    def attention(x, position, *tensors):
+    def attention(x, *tensors):
         it = iter(tensors)
         full = [None if p is None else next(it) for p in params]
-        return ops_train._PairwiseAttentionTrainFn.apply(x, position, 3, 1e-5, 1e-5, *full)[0]
+        if sa_type == 'pairwise':
+            return ops_train._PairwiseAttentionTrainFn.apply(x, next(it), 3, 1e-5, 1e-5, *full)[0]
+        return ops_train._PatchwiseAttentionTrainFn.apply(x, 3, 1e-5, 1e-5, *full)[0]
 
-    inputs = [x, position] + [p for p in params if p is not None]
+    inputs = [x] + [p for p in params if p is not None] + ([position] if sa_type == 'pairwise' else [])
     assert torch.autograd.gradcheck(attention, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
-def test_san10_training_step_equals_the_official_network():
-    ref = randomize_(official_model('san10_pairwise', pad_fn=repeated_reflect_pad), seed=12).double().train()
-    model = timm.create_model('san10_pairwise').double().train()
-    model.load_state_dict({k: v for k, v in ref.state_dict().items()})
+@pytest.mark.parametrize('name', ['san10_pairwise', 'san10_patchwise'])
+def test_san10_training_step_equals_the_official_network(name):
+    ref = randomize_(official_model(name, pad_fn=repeated_reflect_pad), seed=12).double().train()
+    model = timm.create_model(name).double().train()
+    model.load_state_dict(ref.state_dict())
     x = _rand(2, 3, 64, 64, seed=13)
     out, expected = model(x), ref(x)
-    assert _graph_names(out).count(FUSED_NODE) == 10  # every SAM of the network
+    assert _graph_names(out).count(FUSED_NODE[name.split('_')[1]]) == 10  # every SAM of the network
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
     out.square().mean().backward(), expected.square().mean().backward()
     ref_params = dict(ref.named_parameters())
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-8, atol=1e-11, msg=name)
+    for key, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[key].grad, rtol=1e-8, atol=1e-11, msg=key)
     ref_buffers = dict(ref.named_buffers())
-    for name, b in model.named_buffers():
-        torch.testing.assert_close(b, ref_buffers[name], rtol=1e-10, atol=1e-12, msg=name)
+    for key, b in model.named_buffers():
+        torch.testing.assert_close(b, ref_buffers[key], rtol=1e-10, atol=1e-12, msg=key)
 
 
-def test_one_value_per_channel_is_refused_as_batchnorm_does():
-    fused, plain = _pair(32, 1)
+@pytest.mark.parametrize('sa_type', SA_TYPES)
+def test_one_value_per_channel_is_refused_as_batchnorm_does(sa_type):
+    fused, plain = _pair(sa_type, 32, 1)
     x = _rand(1, 32, 1, 1)
     with pytest.raises(ValueError, match='more than 1 value per channel'):
         plain(x)
@@ -161,11 +177,12 @@ def test_one_value_per_channel_is_refused_as_batchnorm_does():
         fused(x)
 
 
-def test_unsupported_cases_keep_the_recomputation_path():
-    fused, _ = _pair(32, 3)
+@pytest.mark.parametrize('sa_type', SA_TYPES)
+def test_unsupported_cases_keep_the_recomputation_path(sa_type):
+    fused, _ = _pair(sa_type, 32, 3)
     x = _rand(2, 32, 5, 5)
     fused.conv_w[3].eval()  # a frozen second BatchNorm: normalises with running statistics
-    assert FUSED_NODE not in _graph_names(fused(x.requires_grad_()))
+    assert not _fused_taken(fused(x.requires_grad_()))
     fused.conv_w[3].train()
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert FUSED_NODE not in _graph_names(fused.float()(x.float()))
+        assert not _fused_taken(fused.float()(x.float()))

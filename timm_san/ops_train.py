@@ -1,23 +1,28 @@
-""" Training-mode pairwise attention of SAN without k x k-fold relation buffers
+""" Training-mode attention of SAN without k x k-fold buffers: pairwise and patchwise
 
-In training, the weight mapping of pairwise SAM (BN, ReLU, 1x1 conv, BN, ReLU, 1x1 conv, softmax) normalises
-with batch statistics, so the relation ``[x1[c] - x2[nbr]; p[c] - p[nbr]]`` and every intermediate of the mapping
-are ``k * k`` times the size of a feature map, and plain autograd keeps all of them for backward. The operator here
-(SAM's three 1x1 convs, the mapping, softmax and aggregation in one ``torch.autograd.Function``) keeps only SAM's
-input (which the ReLU before it keeps anyway) and per-channel batch statistics. Forward and backward rebuild what
-they need a few footprint rows at a time:
+In training, SAM's weight mapping (BN, ReLU, 1x1 conv, BN, ReLU, 1x1 conv) normalises with batch statistics, and
+plain autograd keeps its input, the ``k * k``-fold relation, and every intermediate for backward. The operators
+here (SAM's three 1x1 convs, the mapping, the softmax and the aggregation in one ``torch.autograd.Function`` each)
+keep only SAM's input (which the ReLU before it keeps anyway) and per-channel batch statistics; forward and
+backward rebuild what they need a few footprint rows at a time, into reused buffers.
 
+Pairwise, relation ``[x1[c] - x2[nbr]; p[c] - p[nbr]]``:
     * the first BatchNorm's mean comes in closed form from map-sized sums, its variance from one pass over
-      relation chunks;
-    * its output is ``(s * x1 + t)[c] - (s * x2)[nbr]``: one affine map of each input, not of the relation;
-    * the hidden layer is kept whole in forward only (the second BatchNorm needs its statistics first);
+      relation chunks; its output is ``(s * x1 + t)[c] - (s * x2)[nbr]`` (an affine map of each input);
+    * the hidden layer (footprint-sized) is kept whole in forward only: the second BatchNorm needs its statistics;
     * backward rebuilds the mapping twice: once for the softmax and the second BatchNorm's reductions, once for
       the first BatchNorm's. The first BatchNorm's input gradient is linear in two maps (its upstream gradient
-      summed over the footprint, and that gradient scattered back onto the neighbours), so it is formed on
-      ``(B, C, H, W)`` maps, never per offset.
+      summed over the footprint, and scattered back onto the neighbours), so it is formed on ``(B, C, H, W)``
+      maps, never per offset.
+
+Patchwise, relation ``[x1; x2 over the footprint]``:
+    * the first BatchNorm's statistics per (channel, offset) are window sums of the batch-summed map;
+    * the first layer sums over the footprint, so the hidden layer is map-sized: it is saved for backward;
+    * backward takes one pass over footprint rows; the first BatchNorm's terms other than its upstream gradient
+      are per (channel, offset) constants and ``x2`` itself, placed on each offset's window after the pass.
 
 The results equal the plain operators (``SelfAttention`` with ``recompute=False``) up to float rounding, the
-BatchNorm running statistics included. Chunks are sized for a CPU core's cache: the operator is meant for CPU.
+BatchNorm running statistics included. Chunks are sized for a CPU core's cache: the operators are meant for CPU.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,7 +37,7 @@ from .ops import (
 )
 from .ops_fused import offset_chunks
 
-__all__ = ['pairwise_attention_train', 'pairwise_train_supported']
+__all__ = ['pairwise_attention_train', 'patchwise_attention_train', 'train_supported']
 
 # elements of one chunk of the relation: about a core's L2 cache, as the eval operators
 _CHUNK_ELEMENTS = 1 << 18
@@ -496,12 +501,7 @@ class _PairwiseAttentionTrainFn(torch.autograd.Function):
         grad_x, grad_conv_w, grad_conv_b = torch.ops.aten.convolution_backward(
             torch.cat([grad_x1, grad_x2, grad_x3], dim=1), x, torch.cat([w for w, _ in convs]), None,
             [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [ctx.needs_input_grad[0], True, True])
-        grad_convs: List[Optional[torch.Tensor]] = []
-        start = 0
-        for w, b in convs:
-            end = start + w.shape[0]
-            grad_convs += [grad_conv_w[start:end], grad_conv_b[start:end] if b is not None else None]
-            start = end
+        grad_convs = _split_conv_grads(grad_conv_w, grad_conv_b, convs)
 
         grad_mapping = [
             sum_gy1_d * invstd1 if bn1_weight is not None else None,
@@ -514,6 +514,269 @@ class _PairwiseAttentionTrainFn(torch.autograd.Function):
             grad_bias2 if map2_b is not None else None,
         ]
         return (grad_x, grad_position, None, None, None, *grad_convs, *grad_mapping)
+
+
+def _footprint_moments(x2: torch.Tensor, kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance over batch and map of each ``(channel, offset)`` footprint channel, ``(C, k * k)``.
+
+    Each is a sum over one ``H x W`` window of the batch-summed padded map (and of its square), all ``k * k``
+    windows read off float64 integral images: no footprint-sized tensor, and no cancellation to speak of in
+    ``E[x^2] - E[x]^2`` at that precision.
+    """
+    batch, planes, height, width = x2.shape
+    k = kernel_size
+    n = batch * height * width
+    padded = reflect_pad(x2, k // 2).double()
+    sums = []
+    for values in (padded, padded * padded):
+        integral = F.pad(values.sum(0).cumsum(1).cumsum(2), (1, 0, 1, 0))
+        windows = (integral[:, height:height + k, width:width + k] - integral[:, :k, width:width + k]
+                   - integral[:, height:height + k, :k] + integral[:, :k, :k])
+        sums.append(windows.reshape(planes, k * k))
+    mean = sums[0] / n
+    var = (sums[1] / n - mean * mean).clamp_min_(0)
+    return mean.to(x2.dtype), var.to(x2.dtype)
+
+
+def _place_windows(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(C, H + k - 1, W + k - 1)``: each offset's per-channel value ``values[:, kh, kw]`` added over its window."""
+    planes, k = values.shape[0], values.shape[1]
+    canvas = values.new_zeros((planes, height + k - 1, width + k - 1))
+    for kh in range(k):
+        for kw in range(k):
+            canvas[:, kh:kh + height, kw:kw + width] += values[:, kh, kw].view(-1, 1, 1)
+    return canvas
+
+
+class _Footprint:
+    """The first BatchNorm and first layer of the patchwise mapping once the first batch statistics are known.
+
+    ``act(chunk)`` is ``relu(bn1(x2 over the footprint))`` of a chunk of footprint rows (one affine map per
+    ``(channel, offset)``); ``centre_act`` that of the centre channels.
+    """
+
+    def __init__(
+            self,
+            x1: torch.Tensor,
+            x2: torch.Tensor,
+            bn1_scale: torch.Tensor,
+            bn1_shift: torch.Tensor,
+            weight1: torch.Tensor,
+            kernel_size: int,
+            workspace: _Workspace,
+    ):
+        planes, k = x1.shape[1], kernel_size
+        self.planes, self.kernel_size, self.workspace = planes, k, workspace
+        scale, shift = bn1_scale[:planes].view(1, -1, 1, 1), bn1_shift[:planes].view(1, -1, 1, 1)
+        self.centre_act = torch.relu(x1 * scale + shift)
+        self.windows = footprint_view(reflect_pad(x2, k // 2), k)
+        self.scale = bn1_scale[planes:].view(1, planes, k, k, 1, 1)
+        self.shift = bn1_shift[planes:].view(1, planes, k, k, 1, 1)
+        self.centre_weight = weight1[:, :planes].contiguous()
+        self.weight = weight1[:, planes:].reshape(-1, planes, k, k)
+
+    def act(self, chunk: Chunk) -> torch.Tensor:
+        """``(b, R, rows, k, H, W)`` (a workspace)."""
+        b0, b1, r0, r1 = chunk
+        windows, scale, shift = self.windows[b0:b1, :, r0:r1], self.scale[:, :, r0:r1], self.shift[:, :, r0:r1]
+        out = self.workspace('act', windows.shape)
+        return torch.addcmul(shift, windows, scale, out=out).relu_()
+
+    def row_weight(self, chunk: Chunk) -> torch.Tensor:
+        """The first layer's columns of a chunk's footprint rows, ``(Cw, R * rows * k)``."""
+        return self.weight[:, :, chunk[2]:chunk[3]].reshape(self.weight.shape[0], -1)
+
+
+class _PatchwiseAttentionTrainFn(torch.autograd.Function):
+    """SAM's 1x1 convs, patchwise weight mapping (training-mode BatchNorms) and aggregation.
+
+    Saves SAM's input, the (map-sized) hidden layer of the mapping, the parameters and the batch statistics.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel_size: int, eps1: float, eps2: float, *params: Optional[torch.Tensor]):
+        bn1_weight, bn1_bias, map1_w, map1_b, bn2_weight, bn2_bias, map2_w, map2_b = params[6:]
+        x1, x2, x3 = _sam_convs(x, params[:6])
+        batch, planes, height, width = x1.shape
+        k, spatial, offsets = kernel_size, height * width, kernel_size * kernel_size
+        n = batch * spatial
+        weight1 = map1_w.reshape(map1_w.shape[0], -1)
+        weight2 = map2_w.reshape(map2_w.shape[0], -1)
+        weight_planes = weight1.shape[0]
+        workspace = _Workspace(x1)
+
+        centre_var, centre_mean = torch.var_mean(x1, dim=(0, 2, 3), correction=0)
+        foot_mean, foot_var = _footprint_moments(x2, k)
+        mean1, var1 = torch.cat([centre_mean, foot_mean.flatten()]), torch.cat([centre_var, foot_var.flatten()])
+        invstd1 = torch.rsqrt(var1 + eps1)
+        scale1, shift1 = _bn_coefficients(bn1_weight, bn1_bias, mean1, invstd1)
+        foot = _Footprint(x1, x2, scale1, shift1, weight1, k, workspace)
+
+        # the first layer sums over the footprint: accumulated chunk by chunk
+        hidden = torch.matmul(foot.centre_weight, foot.centre_act.view(batch, planes, spatial))
+        if map1_b is not None:
+            hidden += map1_b.view(-1, 1)
+        for chunk in _chunks(batch, planes, k, spatial):
+            act = foot.act(chunk).view(chunk[1] - chunk[0], -1, spatial)
+            _add_product(hidden[chunk[0]:chunk[1]], foot.row_weight(chunk), act)
+        var2, mean2 = torch.var_mean(hidden, dim=(0, 2), correction=0)
+        invstd2 = torch.rsqrt(var2 + eps2)
+        scale2, shift2 = _bn_coefficients(bn2_weight, bn2_bias, mean2, invstd2)
+        act2 = torch.relu(hidden * scale2.view(-1, 1) + shift2.view(-1, 1))
+
+        out = x3.new_empty(x3.shape)
+        for b0, b1 in _blocks(batch, weight_planes * offsets * spatial):
+            weights = _logits(weight2, map2_b, act2[b0:b1], workspace).view(b1 - b0, weight_planes, offsets, spatial)
+            out[b0:b1] = _aggregation(x3[b0:b1], weights, k)
+
+        ctx.kernel_size = k
+        ctx.save_for_backward(x, hidden, mean1, invstd1, mean2, invstd2, *params)
+        unbias = n / max(n - 1, 1)
+        stats = torch.cat([mean1, var1 * unbias, mean2, var2 * unbias])
+        ctx.mark_non_differentiable(stats)
+        return out, stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor, grad_stats: torch.Tensor):
+        saved = ctx.saved_tensors  # once: a checkpoint around the module refuses a second unpack
+        x, hidden, mean1, invstd1, mean2, invstd2 = saved[:6]
+        params = saved[6:]
+        bn1_weight, bn1_bias, map1_w, map1_b, bn2_weight, bn2_bias, map2_w, map2_b = params[6:]
+        x1, x2, x3 = _sam_convs(x, params[:6])
+        k = ctx.kernel_size
+        batch, planes, height, width = x1.shape
+        spatial, offsets, pad = height * width, k * k, k // 2
+        n = batch * spatial
+        weight1 = map1_w.reshape(map1_w.shape[0], -1)
+        weight2 = map2_w.reshape(map2_w.shape[0], -1)
+        weight_planes = weight1.shape[0]
+        grad_out = grad_out.contiguous()
+        workspace = _Workspace(x1)
+
+        # aggregation, last layer and second BatchNorm: map-sized, whole samples a block at a time
+        scale2 = invstd2 if bn2_weight is None else invstd2 * bn2_weight
+        hidden_hat = (hidden - mean2.view(-1, 1)) * invstd2.view(-1, 1)
+        act2 = hidden_hat * bn2_weight.view(-1, 1) if bn2_weight is not None else hidden_hat.clone()
+        if bn2_bias is not None:
+            act2 += bn2_bias.view(-1, 1)
+        act2.relu_()
+        grad_x3 = x3.new_empty(x3.shape)
+        grad_act2 = torch.empty_like(act2)
+        grad_weight2, grad_bias2 = x1.new_zeros(weight2.shape), x1.new_zeros(weight2.shape[0])
+        x3_padded = reflect_pad(x3, pad)
+        for b0, b1 in _blocks(batch, weight_planes * offsets * spatial):
+            num = b1 - b0
+            weights = _logits(weight2, map2_b, act2[b0:b1], workspace).view(num, weight_planes, offsets, spatial)
+            grad_x3[b0:b1] = _aggregation_input_grad(grad_out[b0:b1], weights, k)
+            grad_weights = workspace('block_grad', weights.shape)
+            _aggregation_weight_grad_into(x3_padded[b0:b1], grad_out[b0:b1], grad_weights, workspace)
+            grad_weights = grad_weights.view(num, -1, spatial)
+            _add_outer(grad_weight2, grad_weights, act2[b0:b1])
+            grad_bias2 += grad_weights.sum((0, 2))
+            _matmul(weight2.t(), grad_weights, grad_act2[b0:b1])
+        del x3, x3_padded
+        gy2 = _relu_(grad_act2, act2)
+        sum_gy2, sum_gy2_hat = gy2.sum((0, 2)), (gy2 * hidden_hat).sum((0, 2))
+        grad_hidden = (gy2 - (sum_gy2 / n).view(-1, 1) - hidden_hat * (sum_gy2_hat / n).view(-1, 1))
+        grad_hidden *= scale2.view(-1, 1)
+
+        scale1, shift1 = _bn_coefficients(bn1_weight, bn1_bias, mean1, invstd1)
+        foot = _Footprint(x1, x2, scale1, shift1, weight1, k, workspace)
+
+        # centre channels of the first BatchNorm: map-sized
+        centre = slice(0, planes)
+        centre_act = foot.centre_act.view(batch, planes, spatial)
+        grad_weight1_centre = x1.new_zeros((weight_planes, planes))
+        _add_outer(grad_weight1_centre, grad_hidden, centre_act)
+        gy1 = _relu_(torch.matmul(foot.centre_weight.t(), grad_hidden), centre_act).view(x1.shape)
+        x1_hat = (x1 - mean1[centre].view(1, -1, 1, 1)) * invstd1[centre].view(1, -1, 1, 1)
+        sum_gy1_centre, sum_gy1_hat_centre = gy1.sum((0, 2, 3)), (gy1 * x1_hat).sum((0, 2, 3))
+        grad_x1 = scale1[centre].view(1, -1, 1, 1) * (
+            gy1 - (sum_gy1_centre / n).view(1, -1, 1, 1) - x1_hat * (sum_gy1_hat_centre / n).view(1, -1, 1, 1))
+
+        # footprint channels, one pass over footprint rows: the first layer's gradient, the BatchNorm reductions
+        # per (channel, offset), and scale1 * gy1 scattered back onto the padded x2 (the BatchNorm's other terms
+        # are per-channel constants and x2 itself on each offset's window: placed after the pass)
+        foot_scale = scale1[planes:].view(1, planes, k, k, 1, 1)
+        mean_x2 = x2.mean((0, 2, 3), keepdim=True)
+        centred_windows = footprint_view(reflect_pad(x2 - mean_x2, pad), k)
+        grad_weight1_foot = x1.new_zeros((weight_planes, planes, k, k))
+        sum_gy1, sum_gy1_x2 = x1.new_zeros((planes, k, k)), x1.new_zeros((planes, k, k))
+        canvas = x1.new_zeros((batch, planes, height + 2 * pad, width + 2 * pad))
+        for chunk in _chunks(batch, planes, k, spatial):
+            b0, b1, r0, r1 = chunk
+            num, rows = b1 - b0, r1 - r0
+            act = foot.act(chunk)
+            act_flat = act.view(num, -1, spatial)
+            row_weight = foot.row_weight(chunk)
+            for index in range(num):
+                grad_weight1_foot[:, :, r0:r1] += torch.mm(
+                    grad_hidden[b0 + index], act_flat[index].t()).view(weight_planes, planes, rows, k)
+            gy1 = _relu_(_matmul(row_weight.t(), grad_hidden[b0:b1], workspace('gy1', act_flat.shape)), act_flat)
+            gy1 = gy1.view(act.shape)
+            sum_gy1[:, r0:r1] += gy1.sum((0, 4, 5))
+            product = torch.mul(gy1, centred_windows[b0:b1, :, r0:r1], out=workspace('product', act.shape))
+            sum_gy1_x2[:, r0:r1] += product.sum((0, 4, 5))
+            _scatter_rows(gy1.mul_(foot_scale[:, :, r0:r1]), canvas[b0:b1, :, r0:], workspace)
+        workspace.buffers.clear()
+
+        foot_mean = mean1[planes:].view(planes, k, k)
+        foot_invstd = invstd1[planes:].view(planes, k, k)
+        foot_scale = foot_scale.view(planes, k, k)
+        sum_gy1_hat = foot_invstd * (sum_gy1_x2 - (foot_mean - mean_x2.view(-1, 1, 1)) * sum_gy1)
+        coef = foot_scale * sum_gy1_hat * foot_invstd / n
+        # grad_relation = scale * (gy1 - mean(gy1) - (x2[nbr] - mean) * coef), summed onto the padded map
+        canvas -= _place_windows(foot_scale * sum_gy1 / n - coef * foot_mean, height, width)
+        canvas -= reflect_pad(x2, pad) * _place_windows(coef, height, width)
+        grad_x2 = reflect_pad_backward(canvas, height, width, pad)
+
+        convs = [(params[0], params[1]), (params[2], params[3]), (params[4], params[5])]
+        grad_x, grad_conv_w, grad_conv_b = torch.ops.aten.convolution_backward(
+            torch.cat([grad_x1, grad_x2, grad_x3], dim=1), x, torch.cat([w for w, _ in convs]), None,
+            [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [ctx.needs_input_grad[0], True, True])
+        grad_convs = _split_conv_grads(grad_conv_w, grad_conv_b, convs)
+        sum_gy1_all = torch.cat([sum_gy1_centre, sum_gy1.flatten()])
+        grad_mapping = [
+            torch.cat([sum_gy1_hat_centre, sum_gy1_hat.flatten()]) if bn1_weight is not None else None,
+            sum_gy1_all if bn1_bias is not None else None,
+            torch.cat([grad_weight1_centre, grad_weight1_foot.view(weight_planes, -1)], dim=1).view(map1_w.shape),
+            grad_hidden.sum((0, 2)) if map1_b is not None else None,
+            sum_gy2_hat if bn2_weight is not None else None,
+            sum_gy2 if bn2_bias is not None else None,
+            grad_weight2.view(map2_w.shape),
+            grad_bias2 if map2_b is not None else None,
+        ]
+        return (grad_x, None, None, None, *grad_convs, *grad_mapping)
+
+
+def _add_product(acc: torch.Tensor, weight: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc[b] += weight @ x[b]`` for a ``(b, K, M)`` batch."""
+    for index in range(x.shape[0]):
+        acc[index].addmm_(weight, x[index])
+
+
+def _logits(
+        weight: torch.Tensor, bias: Optional[torch.Tensor], act: torch.Tensor, workspace: _Workspace,
+) -> torch.Tensor:
+    """The mapping's last layer of a block, ``(b, C_out, M)`` (a workspace)."""
+    out = _matmul(weight, act, workspace('logits', (act.shape[0], weight.shape[0], act.shape[2])))
+    if bias is not None:
+        out += bias.view(-1, 1)
+    return out
+
+
+def _split_conv_grads(
+        grad_weight: torch.Tensor, grad_bias: torch.Tensor, convs: List[Tuple[torch.Tensor, Optional[torch.Tensor]]],
+) -> List[Optional[torch.Tensor]]:
+    """Weight and bias gradients of conv1..3 from those of the three as one conv."""
+    grads: List[Optional[torch.Tensor]] = []
+    start = 0
+    for weight, bias in convs:
+        end = start + weight.shape[0]
+        grads += [grad_weight[start:end], grad_bias[start:end] if bias is not None else None]
+        start = end
+    return grads
 
 
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -539,8 +802,8 @@ def _plain_conv(conv: nn.Module) -> bool:
     )
 
 
-def pairwise_train_supported(x: torch.Tensor, convs: List[nn.Module], conv_w: nn.Sequential) -> bool:
-    """Whether ``pairwise_attention_train`` applies to SAM's modules and input.
+def train_supported(x: torch.Tensor, convs: List[nn.Module], conv_w: nn.Sequential) -> bool:
+    """Whether ``pairwise_attention_train`` / ``patchwise_attention_train`` apply to SAM's modules and input.
 
     CPU float32 / float64 without autocast; conv1..3 plain 1x1 convs; the mapping the BN / ReLU / conv stack
     (``SelfAttention._fusable``) with both BatchNorms in training mode.
@@ -554,6 +817,27 @@ def pairwise_train_supported(x: torch.Tensor, convs: List[nn.Module], conv_w: nn
         and bn1.training and bn2.training
         and bn1.track_running_stats and bn2.track_running_stats
     )
+
+
+def _check_batch_size(x: torch.Tensor, offsets: int) -> None:
+    if x.shape[0] * offsets * x.shape[2] * x.shape[3] == 1:
+        # as BatchNorm refuses it: one value per channel has no variance
+        raise ValueError(f'Expected more than 1 value per channel when training, got input size {list(x.shape)}')
+
+
+def _mapping_params(convs: List[nn.Module], conv_w: nn.Sequential) -> List[Optional[torch.Tensor]]:
+    bn1, map1, bn2, map2 = conv_w[0], conv_w[2], conv_w[3], conv_w[5]
+    return [p for conv in convs for p in (conv.weight, conv.bias)] + [
+        bn1.weight, bn1.bias, map1.weight, map1.bias, bn2.weight, bn2.bias, map2.weight, map2.bias]
+
+
+def _update_mapping_stats(conv_w: nn.Sequential, stats: torch.Tensor) -> None:
+    """Both BatchNorms' running statistics from the Function's ``[mean1, var1, mean2, var2]``."""
+    bn1, bn2 = conv_w[0], conv_w[3]
+    with torch.no_grad():
+        mean1, var1, mean2, var2 = stats.split([bn1.num_features] * 2 + [bn2.num_features] * 2)
+        _update_running_stats(bn1, mean1, var1)
+        _update_running_stats(bn2, mean2, var2)
 
 
 def pairwise_attention_train(
@@ -579,16 +863,36 @@ def pairwise_attention_train(
     Returns:
         Tensor of shape ``(B, C, H, W)``.
     """
-    bn1, map1, bn2, map2 = conv_w[0], conv_w[2], conv_w[3], conv_w[5]
-    if x.shape[0] * kernel_size * kernel_size * x.shape[2] * x.shape[3] == 1:
-        # as BatchNorm refuses it: one value per channel has no variance
-        raise ValueError(f'Expected more than 1 value per channel when training, got input size {list(x.shape)}')
-    params = [p for conv in convs for p in (conv.weight, conv.bias)] + [
-        bn1.weight, bn1.bias, map1.weight, map1.bias, bn2.weight, bn2.bias, map2.weight, map2.bias]
-    out, stats = _PairwiseAttentionTrainFn.apply(x, position, kernel_size, bn1.eps, bn2.eps, *params)
-    with torch.no_grad():
-        planes = bn2.num_features
-        mean1, var1, mean2, var2 = stats.split([planes + 2, planes + 2, planes, planes])
-        _update_running_stats(bn1, mean1, var1)
-        _update_running_stats(bn2, mean2, var2)
+    _check_batch_size(x, kernel_size * kernel_size)
+    out, stats = _PairwiseAttentionTrainFn.apply(
+        x, position, kernel_size, conv_w[0].eps, conv_w[3].eps, *_mapping_params(convs, conv_w))
+    _update_mapping_stats(conv_w, stats)
+    return out
+
+
+def patchwise_attention_train(
+        x: torch.Tensor,
+        convs: List[nn.Module],
+        conv_w: nn.Sequential,
+        kernel_size: int,
+) -> torch.Tensor:
+    """Patchwise SAM in training mode: 1x1 convs, weight mapping with batch statistics, aggregation.
+
+    Updates the running statistics of both BatchNorms of ``conv_w`` as their training forward would. Forward hooks
+    of the convs and of the mapping's layers are not called (their modules are not).
+
+    Args:
+        x: SAM's input ``(B, C_in, H, W)``.
+        convs: ``[conv1, conv2, conv3]``: 1x1 convs to the relation (``R``, twice) and value (``C``) channels.
+        conv_w: The weight mapping: BatchNorm2d(R * (k * k + 1)), ReLU, Conv2d(R * (k * k + 1), Cw, 1),
+            BatchNorm2d(Cw), ReLU, Conv2d(Cw, k * k * Cw, 1); BatchNorms in training mode with running statistics.
+        kernel_size: Footprint side ``k`` (odd).
+
+    Returns:
+        Tensor of shape ``(B, C, H, W)``.
+    """
+    _check_batch_size(x, 1)
+    out, stats = _PatchwiseAttentionTrainFn.apply(
+        x, kernel_size, conv_w[0].eps, conv_w[3].eps, *_mapping_params(convs, conv_w))
+    _update_mapping_stats(conv_w, stats)
     return out

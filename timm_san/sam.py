@@ -10,7 +10,7 @@ Three ways through the same arithmetic, chosen per call:
       (BatchNorms folded into fixed affine maps, relation built a few footprint rows at a time);
     * training with autograd: the attention (weights and aggregation) is recomputed in backward instead of
       keeping its ``k * k``-fold intermediates; BatchNorm running statistics are updated once per forward
-      (pairwise on CPU: the operator of ``timm_san.ops_train``, convs and attention in one autograd Function);
+      (on CPU: the operators of ``timm_san.ops_train``, convs and attention in one autograd Function);
     * otherwise (TorchScript; training under FX tracing, torch.compile or without autograd): the plain operators.
 A module built under ``timm.set_scriptable(True)`` takes the plain operators always, so that a graph FX traces
 from it still scripts (timm's convention, as ``use_fused_attn()`` for its attention layers).
@@ -26,7 +26,7 @@ from .eval_ops import conv1x1_split
 from .fusable import fusions_apply, plain_conv1x1
 from .ops import aggregation, check_kernel_size, footprint, position_grid, subtraction, subtraction2
 from .ops_fused import pairwise_attention, patchwise_attention
-from .ops_train import pairwise_attention_train, pairwise_train_supported
+from .ops_train import pairwise_attention_train, patchwise_attention_train, train_supported
 
 __all__ = ['SelfAttention', 'SA_TYPES']
 
@@ -199,15 +199,15 @@ class SelfAttention(nn.Module):
             attend, self.conv1(x), self.conv2(x), self.conv3(x), use_reentrant=False, preserve_rng_state=False)
 
     def _train_fusable(self, x: torch.Tensor) -> bool:
-        """Whether training takes ``timm_san.ops_train``'s operator (pairwise, CPU, the standard modules)."""
-        convs = [self.conv1, self.conv2, self.conv3]
-        return self.conv_p is not None and self._fusable() and pairwise_train_supported(x, convs, self.conv_w)
+        """Whether training takes ``timm_san.ops_train``'s operators (CPU, the standard modules)."""
+        return self._fusable() and train_supported(x, [self.conv1, self.conv2, self.conv3], self.conv_w)
 
     def _forward_train_fused(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.conv_p is not None
-        position = self.conv_p(position_grid(x))
         convs = [self.conv1, self.conv2, self.conv3]
-        return pairwise_attention_train(x, position, convs, self.conv_w, self.kernel_size)
+        if self.conv_p is not None:
+            position = self.conv_p(position_grid(x))
+            return pairwise_attention_train(x, position, convs, self.conv_w, self.kernel_size)
+        return patchwise_attention_train(x, convs, self.conv_w, self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
