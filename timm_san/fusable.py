@@ -23,14 +23,20 @@ EVAL_FUSION_DEVICES = ('cpu',)
 
 
 def fusions_apply(x: torch.Tensor) -> bool:
-    """Whether the eval fusions may compute on ``x``: a device of ``EVAL_FUSION_DEVICES``, and no autocast.
+    """Whether the eval fusions may compute on ``x``: a device of ``EVAL_FUSION_DEVICES``, no autocast, no compiler.
 
     Under autocast the modules cast their inputs per layer; the fusions' ``out=`` arithmetic keeps one dtype.
-    An FX trace records the fused functions (leaves that run on any device): a traced input has no device yet.
+    Under torch.compile, Inductor fuses the plain modules itself (and its functionalization refuses the fusions'
+    writes into views of one buffer). An FX trace records the fused functions (leaves that run on any device): a
+    traced input has no device yet.
     """
     if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
         return True
-    return x.device.type in EVAL_FUSION_DEVICES and not torch.is_autocast_enabled(x.device.type)
+    return (
+        x.device.type in EVAL_FUSION_DEVICES
+        and not torch.is_autocast_enabled(x.device.type)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _pair(value: Union[int, Tuple[int, ...]]) -> Tuple[int, ...]:

@@ -106,7 +106,6 @@ class SanBottleneck(nn.Module):
         return (
             self.fused
             and not self.training
-            and not torch.compiler.is_compiling()
             and fusions_apply(x)
             and plain_conv1x1(self.conv)
             and identity_in_eval(self.drop_path)
@@ -350,9 +349,9 @@ class SAN(nn.Module):
     def _eval_fused(self, x: torch.Tensor) -> bool:
         """Whether this call may take the eval fusions (each still checks that its modules are the standard ones).
 
-        Not under torch.compile (Inductor fuses the plain modules itself), nor where ``fusions_apply`` says no.
+        Not where ``fusions_apply`` says no (other devices, autocast, torch.compile).
         """
-        return self.fused and not self.training and not torch.compiler.is_compiling() and fusions_apply(x)
+        return self.fused and not self.training and fusions_apply(x)
 
     def _stem_pool(self, x: torch.Tensor) -> torch.Tensor:
         """The stem and stage 0's max-pool: ``pool0(act_in(bn_in(conv_in(x))))``."""
