@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .matmul_conv import conv1x1, conv1x1_backward
 from .ops import (
     _aggregation, _aggregation_input_grad, footprint_backward, footprint_view, reflect_pad,
     reflect_pad_backward,
@@ -176,7 +177,7 @@ def _sam_convs(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]]) -> Lis
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([x.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
-    out = F.conv2d(x, torch.cat(list(weights)), bias)
+    out = conv1x1(x, torch.cat(list(weights)), bias)
     return list(out.split([w.shape[0] for w in weights], dim=1))
 
 
@@ -498,9 +499,9 @@ class _PairwiseAttentionTrainFn(torch.autograd.Function):
 
         # SAM's three 1x1 convs as one
         convs = [(conv1_w, conv1_b), (conv2_w, conv2_b), (conv3_w, conv3_b)]
-        grad_x, grad_conv_w, grad_conv_b = torch.ops.aten.convolution_backward(
-            torch.cat([grad_x1, grad_x2, grad_x3], dim=1), x, torch.cat([w for w, _ in convs]), None,
-            [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [ctx.needs_input_grad[0], True, True])
+        grad_x, grad_conv_w, grad_conv_b = conv1x1_backward(
+            torch.cat([grad_x1, grad_x2, grad_x3], dim=1), x, torch.cat([w for w, _ in convs]),
+            ctx.needs_input_grad[0])
         grad_convs = _split_conv_grads(grad_conv_w, grad_conv_b, convs)
 
         grad_mapping = [
@@ -732,9 +733,9 @@ class _PatchwiseAttentionTrainFn(torch.autograd.Function):
         grad_x2 = reflect_pad_backward(canvas, height, width, pad)
 
         convs = [(params[0], params[1]), (params[2], params[3]), (params[4], params[5])]
-        grad_x, grad_conv_w, grad_conv_b = torch.ops.aten.convolution_backward(
-            torch.cat([grad_x1, grad_x2, grad_x3], dim=1), x, torch.cat([w for w, _ in convs]), None,
-            [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [ctx.needs_input_grad[0], True, True])
+        grad_x, grad_conv_w, grad_conv_b = conv1x1_backward(
+            torch.cat([grad_x1, grad_x2, grad_x3], dim=1), x, torch.cat([w for w, _ in convs]),
+            ctx.needs_input_grad[0])
         grad_convs = _split_conv_grads(grad_conv_w, grad_conv_b, convs)
         sum_gy1_all = torch.cat([sum_gy1_centre, sum_gy1.flatten()])
         grad_mapping = [

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from timm.layers import is_scriptable
 
-from .eval_ops import conv1x1_split
+from .matmul_conv import conv1x1_split
 from .fusable import fusions_apply, plain_conv1x1
 from .ops import aggregation, check_kernel_size, footprint, position_grid, subtraction, subtraction2
 from .ops_fused import pairwise_attention, patchwise_attention

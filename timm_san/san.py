@@ -25,11 +25,12 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from .checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
-from .eval_ops import conv1x1, max_pool2x2
+from .eval_ops import max_pool2x2
 from .eval_stem import pooled_stem
 from .fusable import eval_batch_norm, fusions_apply, identity_in_eval, plain_conv1x1, plain_max_pool2x2, plain_relu
 from .hub_errors import explain_pretrained_errors
 from .hub_ids import hf_hub_id
+from .matmul_conv import conv1x1
 from .sam import SA_TYPES, SelfAttention
 
 __all__ = ['SAN', 'SanBottleneck']
@@ -121,6 +122,10 @@ class SanBottleneck(nn.Module):
                 else:
                     out = self.act(self.bn2(self.sam(out)))
                 return conv1x1(out, self.conv.weight, self.conv.bias, residual=x)
+            if self.fused and fusions_apply(x) and plain_conv1x1(self.conv):
+                # training (or an eval block with stochastic depth kept): the conv as matmuls, backward included
+                out = self.act(self.bn2(self.sam(self.act(self.bn1(x)))))
+                return self.drop_path(conv1x1(out, self.conv.weight, self.conv.bias)) + x
         out = self.act(self.bn1(x))
         out = self.act(self.bn2(self.sam(out)))
         out = self.conv(out)
@@ -371,7 +376,9 @@ class SAN(nn.Module):
         fuse = self._eval_fused(x)
         if index > 0:
             x = max_pool2x2(x) if fuse and plain_max_pool2x2(pool) else pool(x)
-        x = conv1x1(x, conv.weight, conv.bias) if fuse and plain_conv1x1(conv) else conv(x)
+        # the conv as matmuls in training too (backward included): faster than oneDNN's on large maps
+        matmul = self.fused and fusions_apply(x) and plain_conv1x1(conv)
+        x = conv1x1(x, conv.weight, conv.bias) if matmul else conv(x)
         return act(bn(layer(x)))
 
     def _split_plan(self, x: torch.Tensor, last: int) -> Tuple[int, int]:
