@@ -54,3 +54,11 @@ def test_input_gradient_only_when_asked():
     want_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad)
     torch.testing.assert_close(grad_w, want_w, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_b, grad.sum((0, 2, 3)), rtol=1e-12, atol=1e-12)
+
+
+def test_half_precision_training_keeps_the_conv():
+    x = _rand(2, 3, 10, 10, seed=13, dtype=torch.bfloat16).requires_grad_()
+    weight = _rand(4, 3, 1, 1, seed=14, dtype=torch.bfloat16).requires_grad_()
+    out = matmul_conv.conv1x1(x, weight)
+    assert type(out.grad_fn).__name__ != '_Conv1x1FnBackward'
+    torch.testing.assert_close(out, F.conv2d(x, weight))

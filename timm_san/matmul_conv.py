@@ -114,10 +114,12 @@ def conv1x1(
     Returns:
         Tensor of shape ``(B, O, H, W)``.
     """
-    if not _use_matmul(x):
+    needs_grad = _needs_grad(x, weight, bias, residual)
+    # the weight gradient accumulates over samples in the tensors' dtype: float32 or float64 only
+    if not _use_matmul(x) or (needs_grad and x.dtype not in (torch.float32, torch.float64)):
         out = F.conv2d(x, weight, bias)
         return out if residual is None else out.add_(residual)
-    if _needs_grad(x, weight, bias, residual):
+    if needs_grad:
         return _Conv1x1Fn.apply(x.contiguous(), weight, bias, residual)
     return _forward(x, weight, bias, residual)
 
