@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import timm
 from timm.layers import freeze_batch_norm_2d
 
 import timm_san  # noqa: F401

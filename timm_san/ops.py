@@ -22,8 +22,6 @@ of float32, float16, bfloat16 or float64, not traced (``torch.compile``, whose I
 itself, or ``torch.jit.trace``) and not switched off (``TIMM_SAN_TRITON=0``, ``ops_triton.ENABLED = False``).
 TorchScript and every other case run the PyTorch code below.
 """
-from typing import List
-
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
