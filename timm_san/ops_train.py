@@ -181,6 +181,29 @@ def _sam_convs(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]]) -> Lis
     return list(out.split([w.shape[0] for w in weights], dim=1))
 
 
+def _sam_convs_backward(
+        grads: Sequence[torch.Tensor], x: torch.Tensor, params: Sequence[Optional[torch.Tensor]], input_grad: bool,
+) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """Backward of ``_sam_convs``: the input's gradient and ``[conv1.weight, conv1.bias, ...]``'s (None: no bias)."""
+    weights, biases = params[0::2], params[1::2]
+    grad_x, grad_weight, grad_bias = conv1x1_backward(
+        torch.cat(list(grads), dim=1), x, torch.cat(list(weights)), input_grad)
+    grad_params: List[Optional[torch.Tensor]] = []
+    start = 0
+    for weight, bias in zip(weights, biases):
+        end = start + weight.shape[0]
+        grad_params += [grad_weight[start:end], grad_bias[start:end] if bias is not None else None]
+        start = end
+    return grad_x, grad_params
+
+
+def _running_stats_update(
+        mean1: torch.Tensor, var1: torch.Tensor, mean2: torch.Tensor, var2: torch.Tensor, n: int) -> torch.Tensor:
+    """``[mean1, var1, mean2, var2]`` with the biased batch variances made unbiased, as BatchNorm keeps them."""
+    unbias = n / max(n - 1, 1)
+    return torch.cat([mean1, var1 * unbias, mean2, var2 * unbias])
+
+
 def _bn_coefficients(
         weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -346,18 +369,14 @@ class _PairwiseAttentionTrainFn(torch.autograd.Function):
             num = b1 - b0
             act2 = hidden[b0:b1].view(num, planes, -1)
             act2.mul_(scale2.view(-1, 1)).add_(shift2.view(-1, 1)).relu_()
-            logits = _matmul(weight2, act2, workspace('logits', (num, weight_planes, offsets * spatial)))
-            if map2_b is not None:
-                logits += map2_b.view(-1, 1)
+            logits = _logits(weight2, map2_b, act2, workspace)
             weights = workspace('weights', (num, weight_planes, offsets, spatial))
             torch.ops.aten._softmax.out(logits.view(weights.shape), 2, False, out=weights)
             out[b0:b1] = _aggregation(x3[b0:b1], weights, k)
 
         ctx.kernel_size = k
         ctx.save_for_backward(x, position, mean1, invstd1, mean2, invstd2, *params)
-        # unbiased variances for the running statistics, as BatchNorm keeps them
-        unbias = n / max(n - 1, 1)
-        stats = torch.cat([mean1, var1 * unbias, mean2, var2 * unbias])
+        stats = _running_stats_update(mean1, var1, mean2, var2, n)
         ctx.mark_non_differentiable(stats)
         return out, stats
 
@@ -367,7 +386,6 @@ class _PairwiseAttentionTrainFn(torch.autograd.Function):
         saved = ctx.saved_tensors  # once: a checkpoint around the module refuses a second unpack
         x, position, mean1, invstd1, mean2, invstd2 = saved[:6]
         params = saved[6:]
-        conv1_w, conv1_b, conv2_w, conv2_b, conv3_w, conv3_b = params[:6]
         bn1_weight, bn1_bias, map1_w, map1_b, bn2_weight, bn2_bias, map2_w, map2_b = params[6:]
         x1, x2, x3 = _sam_convs(x, params[:6])
         k = ctx.kernel_size
@@ -404,9 +422,7 @@ class _PairwiseAttentionTrainFn(torch.autograd.Function):
             hidden = hidden.view(num, planes, -1)
             act2 = torch.mul(hidden, scale2_col, out=workspace('block_act2', hidden.shape))
             act2.add_(bias2_col).relu_()
-            logits = _matmul(weight2, act2, workspace('block_logits', (num, weight_planes, offsets * spatial)))
-            if map2_b is not None:
-                logits += map2_b.view(-1, 1)
+            logits = _logits(weight2, map2_b, act2, workspace)
             weights = workspace('block_weights', (num, weight_planes, offsets, spatial))
             torch.ops.aten._softmax.out(logits.view(weights.shape), 2, False, out=weights)
             grad_x3[s0:s1] = _aggregation_input_grad(grad_out[s0:s1], weights, k)
@@ -497,12 +513,7 @@ class _PairwiseAttentionTrainFn(torch.autograd.Function):
         grad_position = (grad_pos_relation.sum(2).view(1, 2, height, width)
                          - footprint_backward(grad_pos_relation, height, width, k))
 
-        # SAM's three 1x1 convs as one
-        convs = [(conv1_w, conv1_b), (conv2_w, conv2_b), (conv3_w, conv3_b)]
-        grad_x, grad_conv_w, grad_conv_b = conv1x1_backward(
-            torch.cat([grad_x1, grad_x2, grad_x3], dim=1), x, torch.cat([w for w, _ in convs]),
-            ctx.needs_input_grad[0])
-        grad_convs = _split_conv_grads(grad_conv_w, grad_conv_b, convs)
+        grad_x, grad_convs = _sam_convs_backward([grad_x1, grad_x2, grad_x3], x, params[:6], ctx.needs_input_grad[0])
 
         grad_mapping = [
             sum_gy1_d * invstd1 if bn1_weight is not None else None,
@@ -632,8 +643,7 @@ class _PatchwiseAttentionTrainFn(torch.autograd.Function):
 
         ctx.kernel_size = k
         ctx.save_for_backward(x, hidden, mean1, invstd1, mean2, invstd2, *params)
-        unbias = n / max(n - 1, 1)
-        stats = torch.cat([mean1, var1 * unbias, mean2, var2 * unbias])
+        stats = _running_stats_update(mean1, var1, mean2, var2, n)
         ctx.mark_non_differentiable(stats)
         return out, stats
 
@@ -732,11 +742,7 @@ class _PatchwiseAttentionTrainFn(torch.autograd.Function):
         canvas -= reflect_pad(x2, pad) * _place_windows(coef, height, width)
         grad_x2 = reflect_pad_backward(canvas, height, width, pad)
 
-        convs = [(params[0], params[1]), (params[2], params[3]), (params[4], params[5])]
-        grad_x, grad_conv_w, grad_conv_b = conv1x1_backward(
-            torch.cat([grad_x1, grad_x2, grad_x3], dim=1), x, torch.cat([w for w, _ in convs]),
-            ctx.needs_input_grad[0])
-        grad_convs = _split_conv_grads(grad_conv_w, grad_conv_b, convs)
+        grad_x, grad_convs = _sam_convs_backward([grad_x1, grad_x2, grad_x3], x, params[:6], ctx.needs_input_grad[0])
         sum_gy1_all = torch.cat([sum_gy1_centre, sum_gy1.flatten()])
         grad_mapping = [
             torch.cat([sum_gy1_hat_centre, sum_gy1_hat.flatten()]) if bn1_weight is not None else None,
@@ -765,19 +771,6 @@ def _logits(
     if bias is not None:
         out += bias.view(-1, 1)
     return out
-
-
-def _split_conv_grads(
-        grad_weight: torch.Tensor, grad_bias: torch.Tensor, convs: List[Tuple[torch.Tensor, Optional[torch.Tensor]]],
-) -> List[Optional[torch.Tensor]]:
-    """Weight and bias gradients of conv1..3 from those of the three as one conv."""
-    grads: List[Optional[torch.Tensor]] = []
-    start = 0
-    for weight, bias in convs:
-        end = start + weight.shape[0]
-        grads += [grad_weight[start:end], grad_bias[start:end] if bias is not None else None]
-        start = end
-    return grads
 
 
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> None:
