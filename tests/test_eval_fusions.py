@@ -9,6 +9,7 @@ import timm_san  # noqa: F401
 from timm_san import eval_ops, eval_stem, fusable, matmul_conv, ops_fused, san as san_module, sam as sam_module
 from timm_san.san import SanBottleneck
 from timm_san.sam import SelfAttention
+from module_compare import assert_buffers_close, assert_grads_close
 from reference import randomize_
 
 # one block per stage keeps float64 runs of the whole network short; every stage and fusion is still there
@@ -115,12 +116,8 @@ def test_train_mode_never_takes_an_eval_fusion_and_matches_plain(name, monkeypat
     # differ by float rounding only
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     out.square().mean().backward(), expected.square().mean().backward()
-    plain_params = dict(plain.named_parameters())
-    for key, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, plain_params[key].grad, rtol=1e-9, atol=1e-12, msg=key)
-    plain_buffers = dict(plain.named_buffers())
-    for key, b in fused.named_buffers():
-        torch.testing.assert_close(b, plain_buffers[key], rtol=1e-10, atol=1e-12, msg=key)
+    assert_grads_close(fused, plain, rtol=1e-9, atol=1e-12)
+    assert_buffers_close(fused, plain, rtol=1e-10, atol=1e-12)
     with torch.no_grad():
         fused(x)  # training without autograd: still no eval fusion
 

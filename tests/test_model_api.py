@@ -6,6 +6,7 @@ from timm.models import FeatureInfo
 from timm.models._manipulate import group_parameters
 
 import timm_san  # noqa: F401
+from module_compare import assert_grads_close
 from reference import official_checkpoint, official_model, randomize_
 
 NAMES = ['san10_pairwise', 'san10_patchwise', 'san15_pairwise', 'san15_patchwise', 'san19_pairwise', 'san19_patchwise']
@@ -150,9 +151,7 @@ def test_grad_checkpointing_gives_the_same_outputs_and_gradients():
     ya, yb = a(x), b(x)
     torch.testing.assert_close(ya, yb)
     ya.sum().backward(), yb.sum().backward()
-    grads_b = dict(b.named_parameters())
-    for n, p in a.named_parameters():
-        torch.testing.assert_close(p.grad, grads_b[n].grad, rtol=1e-4, atol=1e-5, msg=n)
+    assert_grads_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize('feature_cls', [None, 'getter', 'hook'])

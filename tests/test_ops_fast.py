@@ -4,6 +4,7 @@ import torch
 
 from timm_san import ops, ops_fused, sam as sam_module
 from timm_san.sam import SelfAttention
+from module_compare import assert_buffers_close, assert_grads_close
 from reference import randomize_
 
 
@@ -90,13 +91,9 @@ def test_recomputed_training_equals_plain_autograd(sa_type, monkeypatch):
     torch.testing.assert_close(out_fast, out_plain, rtol=0, atol=0)
     out_fast.backward(upstream), out_plain.backward(upstream)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-14)
-    plain_params = dict(plain.named_parameters())
-    for name, p in fast.named_parameters():
-        torch.testing.assert_close(p.grad, plain_params[name].grad, rtol=1e-12, atol=1e-14, msg=name)
+    assert_grads_close(fast, plain, rtol=1e-12, atol=1e-14)
     # the recomputation in backward must leave the running statistics as one forward left them
-    plain_buffers = dict(plain.named_buffers())
-    for name, b in fast.named_buffers():
-        torch.testing.assert_close(b, plain_buffers[name], rtol=0, atol=0, msg=name)
+    assert_buffers_close(fast, plain, rtol=0, atol=0)
     assert fast.conv_w[0].num_batches_tracked.item() == 12345 + 1
 
 

@@ -9,6 +9,7 @@ import timm
 import timm_san  # noqa: F401
 from timm_san import ops_train
 from timm_san.sam import SelfAttention
+from module_compare import assert_buffers_close, assert_grads_close
 from reference import official_model, randomize_, repeated_reflect_pad
 
 FUSED_NODE = {'pairwise': '_PairwiseAttentionTrainFnBackward', 'patchwise': '_PatchwiseAttentionTrainFnBackward'}
@@ -54,12 +55,8 @@ def _assert_step_equal(fused: nn.Module, plain: nn.Module, x: torch.Tensor, seed
     upstream = _rand(*out_plain.shape, seed=seed)
     out_fused.backward(upstream), out_plain.backward(upstream)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
-    plain_params = dict(plain.named_parameters())
-    for name, p in fused.named_parameters():
-        torch.testing.assert_close(p.grad, plain_params[name].grad, rtol=1e-10, atol=1e-12, msg=name)
-    plain_buffers = dict(plain.named_buffers())
-    for name, b in fused.named_buffers():
-        torch.testing.assert_close(b, plain_buffers[name], rtol=1e-12, atol=1e-14, msg=name)
+    assert_grads_close(fused, plain, rtol=1e-10, atol=1e-12)
+    assert_buffers_close(fused, plain, rtol=1e-12, atol=1e-14)
     fused.zero_grad(), plain.zero_grad()
 
 
@@ -121,9 +118,7 @@ def test_float32_stays_close_to_the_plain_operators(sa_type):
     upstream = _rand(*out_plain.shape, seed=7, dtype=torch.float32)
     out_fused.backward(upstream), out_plain.backward(upstream)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
-    plain_buffers = dict(plain.named_buffers())
-    for name, b in fused.named_buffers():
-        torch.testing.assert_close(b, plain_buffers[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_buffers_close(fused, plain, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('sa_type', SA_TYPES)
@@ -159,12 +154,8 @@ def test_san10_training_step_equals_the_official_network(name):
     assert _graph_names(out).count(FUSED_NODE[name.split('_')[1]]) == 10  # every SAM of the network
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
     out.square().mean().backward(), expected.square().mean().backward()
-    ref_params = dict(ref.named_parameters())
-    for key, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, ref_params[key].grad, rtol=1e-8, atol=1e-11, msg=key)
-    ref_buffers = dict(ref.named_buffers())
-    for key, b in model.named_buffers():
-        torch.testing.assert_close(b, ref_buffers[key], rtol=1e-10, atol=1e-12, msg=key)
+    assert_grads_close(model, ref, rtol=1e-8, atol=1e-11)
+    assert_buffers_close(model, ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize('sa_type', SA_TYPES)

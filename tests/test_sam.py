@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from timm_san.sam import SelfAttention
+from module_compare import assert_grads_close
 from reference import OfficialSAM, official_pad, randomize_
 
 SA_TYPE = {'pairwise': 0, 'patchwise': 1}
@@ -29,9 +30,7 @@ def test_sam_matches_official(sa_type, kernel_size, size, train):
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     out.backward(upstream), expected.backward(upstream)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-9, atol=1e-10)
-    ref_grads = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-9, atol=1e-10, msg=name)
+    assert_grads_close(ours, ref, rtol=1e-9, atol=1e-10)
 
 
 def test_sam_rejects_bad_configuration():
