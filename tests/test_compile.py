@@ -28,28 +28,17 @@ def test_whole_model_has_no_graph_breaks_in_eval():
 
 
 @pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
-def test_compiled_sam_matches_eager(sa_type):
+@pytest.mark.parametrize('backend,grad_mode', [('eager', torch.no_grad), ('inductor', torch.inference_mode)])
+def test_compiled_sam_matches_eager(sa_type, backend, grad_mode):
+    # inductor: Inductor itself, not only the graph capture. The eval fusions write into views of one buffer, which
+    # its functionalization refuses, so under the compiler the plain operators run (a whole model compiles the same
+    # way, in minutes)
     torch._dynamo.reset()
     module = SelfAttention(sa_type, 16, 2, 8, share_planes=4, kernel_size=3).eval()
     x = torch.randn(2, 16, 6, 5)
-    with torch.no_grad():
+    with grad_mode():
         expected = module(x)
-        compiled = torch.compile(module, backend='eager')(x)
-    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)
-
-
-
-@pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
-def test_inductor_compiles_the_eval_module(sa_type):
-    # Inductor itself, not only the graph capture: the eval fusions write into views of one buffer, which its
-    # functionalization refuses, so under the compiler the plain operators run (a whole model compiles the same way,
-    # in minutes)
-    torch._dynamo.reset()
-    module = SelfAttention(sa_type, 16, 2, 8, share_planes=4, kernel_size=3).eval()
-    x = torch.randn(2, 16, 6, 5)
-    with torch.inference_mode():
-        expected = module(x)
-        compiled = torch.compile(module)(x)
+        compiled = torch.compile(module, backend=backend)(x)
     torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)
 
 
