@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
+from .fusable import needs_grad
+
 __all__ = ['max_pool2x2']
 
 
@@ -21,7 +23,7 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     Returns:
         Tensor of shape ``(B, C, H // 2, W // 2)``.
     """
-    if x.device.type != 'cpu' or (torch.is_grad_enabled() and x.requires_grad):
+    if x.device.type != 'cpu' or needs_grad(x):
         # the pool's own gradient (one winner per window; torch.maximum would split ties); accelerators' own pool
         return F.max_pool2d(x, 2, 2)
     height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2

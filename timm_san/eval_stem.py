@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
+from .fusable import needs_grad
+
 __all__ = ['pooled_stem']
 
 # elements of one chunk of the pooled output: the four phase products of a chunk stay in a core's L2 cache
@@ -50,7 +52,7 @@ def pooled_stem(
         Tensor of shape ``(B, O, H // 2, W // 2)`` (an odd last row or column is dropped, as ``MaxPool2d`` does).
     """
     tensors = [x, conv_weight, bn_weight, bn_bias, running_mean, running_var]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if needs_grad(*tensors):
         # the fused loop writes through out= (not differentiable); the plain ops also give MaxPool2d's gradient
         y = F.batch_norm(F.conv2d(x, conv_weight), running_mean, running_var, bn_weight, bn_bias, False, 0., eps)
         return F.max_pool2d(torch.relu(y), 2, 2)

@@ -6,15 +6,15 @@ after module surgery (timm's ``freeze_batch_norm_2d`` swaps in ``FrozenBatchNorm
 conv with padding), with a module left in training mode, or with hooks that expect to be called, the module path
 runs instead.
 """
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
 __all__ = [
-    'EVAL_FUSION_DEVICES', 'fusions_apply', 'plain_conv1x1', 'eval_batch_norm', 'plain_relu', 'plain_max_pool2x2',
-    'identity_in_eval',
+    'EVAL_FUSION_DEVICES', 'fusions_apply', 'needs_grad', 'plain_conv1x1', 'eval_batch_norm', 'plain_relu',
+    'plain_max_pool2x2', 'identity_in_eval',
 ]
 
 # Device types the eval fusions run on. They trade kernel launches for cache reuse, which pays on a CPU; on an H200
@@ -37,6 +37,11 @@ def fusions_apply(x: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled(x.device.type)
         and not torch.compiler.is_compiling()
     )
+
+
+def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records a call on ``tensors`` (None entries ignored): fused ``out=`` paths then step aside."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _pair(value: Union[int, Tuple[int, ...]]) -> Tuple[int, ...]:

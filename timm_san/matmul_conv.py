@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
+from .fusable import needs_grad
+
 __all__ = ['conv1x1', 'conv1x1_split', 'conv1x1_backward', 'MATMUL_MIN_SPATIAL']
 
 # below this many pixels per map oneDNN's batched 1x1 conv beats per-sample matmuls (SAN's 7x7 last stage)
@@ -92,10 +94,6 @@ class _Conv1x1Fn(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias if ctx.has_bias else None, grad if ctx.needs_input_grad[3] else None
 
 
-def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 @register_notrace_function
 def conv1x1(
         x: torch.Tensor,
@@ -114,12 +112,12 @@ def conv1x1(
     Returns:
         Tensor of shape ``(B, O, H, W)``.
     """
-    needs_grad = _needs_grad(x, weight, bias, residual)
+    with_grad = needs_grad(x, weight, bias, residual)
     # the weight gradient accumulates over samples in the tensors' dtype: float32 or float64 only
-    if not _use_matmul(x) or (needs_grad and x.dtype not in (torch.float32, torch.float64)):
+    if not _use_matmul(x) or (with_grad and x.dtype not in (torch.float32, torch.float64)):
         out = F.conv2d(x, weight, bias)
         return out if residual is None else out.add_(residual)
-    if needs_grad:
+    if with_grad:
         return _Conv1x1Fn.apply(x.contiguous(), weight, bias, residual)
     return _forward(x, weight, bias, residual)
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
+from .fusable import needs_grad
 from .ops import aggregation, footprint_view, reflect_pad
 
 __all__ = [
@@ -87,7 +88,7 @@ def _use_extended(x: torch.Tensor, kernel_size: int, *tensors: torch.Tensor) -> 
         x.device.type == 'cpu'
         and x.shape[-1] <= _EXTENDED_MAX_WIDTH
         and not torch.compiler.is_compiling()
-        and not _needs_grad(x, *tensors)
+        and not needs_grad(x, *tensors)
     )
 
 
@@ -182,10 +183,6 @@ def _bmm(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _relation_chunk(
         centre: torch.Tensor,
         windows: torch.Tensor,
@@ -199,7 +196,7 @@ def _relation_chunk(
     written into the front of ``buffer`` (1-D) where given: one allocation for all chunks of a call, whose pages
     stay mapped (a fresh chunk-sized tensor each time can come with fresh pages from the OS).
     """
-    if torch.compiler.is_compiling() or _needs_grad(centre, windows) or (scale is not None and _needs_grad(scale)):
+    if torch.compiler.is_compiling() or needs_grad(centre, windows, scale):
         relation = centre - windows if scale is None else torch.addcmul(centre, windows, scale)
         return relation.contiguous().relu_()
     shape = torch.broadcast_shapes(centre.shape, windows.shape)
@@ -253,7 +250,7 @@ def _pairwise_weights(
     weight1 = torch.cat([weight1, bias1.view(-1, 1)], dim=1)
     # without autograd (or the compiler) every chunk is written in place: relation rows into one buffer, the
     # logits straight into their slice of the output
-    in_place = not (torch.compiler.is_compiling() or _needs_grad(x1, x2, pos_rows, weight1, weight2, bias2))
+    in_place = not (torch.compiler.is_compiling() or needs_grad(x1, x2, pos_rows, weight1, weight2, bias2))
 
     samples, rows = offset_chunks(batch, planes, k, spatial, _chunk_elements(x1))
     logits = x1.new_empty((batch, weight_planes, k, k * spatial))
@@ -328,7 +325,7 @@ def pairwise_weights(
 
 def _patchwise_weights(
         x1: torch.Tensor, x2: torch.Tensor, folded: List[torch.Tensor], kernel_size: int) -> torch.Tensor:
-    if not (torch.compiler.is_compiling() or _needs_grad(x1, x2, *folded)):
+    if not (torch.compiler.is_compiling() or needs_grad(x1, x2, *folded)):
         return _patchwise_weights_in_place(x1, x2, folded, kernel_size)
     scale, shift, weight1, bias1, weight2, bias2 = folded
     batch, planes, height, width = x1.shape
