@@ -187,35 +187,22 @@ def _relation_chunk(
         centre: torch.Tensor,
         windows: torch.Tensor,
         scale: Optional[torch.Tensor] = None,
-        buffer: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``relu(centre - windows)``, or ``relu(centre + windows * scale)`` given a scale, in contiguous layout.
 
     Broadcasting against the overlapping window view would otherwise pick a permuted output layout. Under autograd
-    and torch.compile (whose out= handling keeps that layout) the result is made contiguous instead. Otherwise it is
-    written into the front of ``buffer`` (1-D) where given: one allocation for all chunks of a call, whose pages
-    stay mapped (a fresh chunk-sized tensor each time can come with fresh pages from the OS).
+    and torch.compile (whose out= handling keeps that layout) the result is made contiguous instead.
     """
     if torch.compiler.is_compiling() or needs_grad(centre, windows, scale):
         relation = centre - windows if scale is None else torch.addcmul(centre, windows, scale)
         return relation.contiguous().relu_()
     shape = torch.broadcast_shapes(centre.shape, windows.shape)
-    if buffer is None:
-        relation = torch.empty(shape, dtype=windows.dtype, device=windows.device)
-    else:
-        relation = buffer[:_numel(shape)].view(shape)
+    relation = torch.empty(shape, dtype=windows.dtype, device=windows.device)
     if scale is None:
         torch.sub(centre, windows, out=relation)
     else:
         torch.addcmul(centre, windows, scale, out=relation)
     return relation.relu_()
-
-
-def _numel(shape: List[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _position_rows(
