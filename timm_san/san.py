@@ -122,12 +122,12 @@ class SanBottleneck(nn.Module):
                 else:
                     out = self.act(self.bn2(self.sam(out)))
                 return conv1x1(out, self.conv.weight, self.conv.bias, residual=x)
-            if self.fused and fusions_apply(x) and plain_conv1x1(self.conv):
-                # training (or an eval block with stochastic depth kept): the conv as matmuls, backward included
-                out = self.act(self.bn2(self.sam(self.act(self.bn1(x)))))
-                return self.drop_path(conv1x1(out, self.conv.weight, self.conv.bias)) + x
         out = self.act(self.bn1(x))
         out = self.act(self.bn2(self.sam(out)))
+        if not torch.jit.is_scripting():
+            if self.fused and fusions_apply(x) and plain_conv1x1(self.conv):
+                # training (or an eval block with stochastic depth kept): the conv as matmuls, backward included
+                return self.drop_path(conv1x1(out, self.conv.weight, self.conv.bias)) + x
         out = self.conv(out)
         return self.drop_path(out) + x
 
