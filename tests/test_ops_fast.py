@@ -48,6 +48,27 @@ def test_fused_eval_equals_plain(sa_type, kernel_size, size, chunk_elements):
 
 
 @pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
+@pytest.mark.parametrize('size', [(5, 6), (4, 30)])  # the row-extended grid, and the plain aggregation
+def test_fused_eval_in_uneven_sample_chunks_equals_plain(sa_type, size, monkeypatch):
+    # three samples in chunks of two: the chunks share one weights buffer and one output, and the last chunk
+    # uses only part of them
+    monkeypatch.setattr(ops_fused, '_attention_samples', lambda x, per_sample: min(2, x.shape[0]))
+    chunk_samples = []
+    attend = ops_fused._attend_chunk
+    monkeypatch.setattr(
+        ops_fused, '_attend_chunk', lambda x3, *args: chunk_samples.append(x3.shape[0]) or attend(x3, *args))
+    module = _sam(sa_type, 7).eval()
+    norm = randomize_(torch.nn.BatchNorm2d(16), seed=9).double().eval()
+    x = _rand(3, 32, *size, seed=8)
+    with torch.no_grad():
+        expected = _plain(module, x)
+        torch.testing.assert_close(module(x), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            module.forward_norm_relu(x, norm), torch.relu(norm(expected)), rtol=1e-10, atol=1e-12)
+    assert chunk_samples == [2, 1, 2, 1]
+
+
+@pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
 def test_fused_eval_path_is_taken_and_differentiable(sa_type, monkeypatch):
     calls = []
     name = f'{sa_type}_attention'

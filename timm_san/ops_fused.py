@@ -9,15 +9,15 @@ relation and every intermediate of the mapping.
 ``pairwise_attention`` / ``patchwise_attention`` go one step further for the module's forward: weights and
 aggregation of a few samples at a time on CPU, so each sample's weights are consumed while still in cache and no
 weights tensor of the whole batch (tens of MB at 56 x 56, fresh pages from the OS on every call) is allocated.
+The chunks share one weights buffer (pairwise's softmax runs in place in it) and write into one output.
 
 The results equal the unfused operators up to float rounding (the affine maps are folded into the
 neighbouring layers and the first layer's sum is accumulated chunk by chunk). Everything here is made of
 differentiable PyTorch ops, so gradients through an eval-mode model still work.
 """
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 from .fusable import needs_grad
@@ -222,9 +222,25 @@ def _position_rows(
     return torch.cat([pos_relation, ones], dim=1).view(3, k, k * height * width)
 
 
+def _softmax_in_place(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.softmax(x, dim)`` written over ``x`` (no autograd): no fresh output of the size of ``x``."""
+    x.sub_(x.amax(dim, keepdim=True)).exp_()
+    return x.div_(x.sum(dim, keepdim=True))
+
+
 def _pairwise_weights(
-        x1: torch.Tensor, x2: torch.Tensor, pos_rows: torch.Tensor, folded: List[torch.Tensor], kernel_size: int,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        pos_rows: torch.Tensor,
+        folded: List[torch.Tensor],
+        kernel_size: int,
+        logits_buffer: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    """The pairwise weights; without autograd they are computed in ``logits_buffer`` where one is given.
+
+    ``logits_buffer`` holds ``B * Cw * k * k * H * W`` elements or more: ``pairwise_attention`` passes one buffer to
+    all its sample chunks, so the chunks reuse its memory instead of each faulting in pages of its own.
+    """
     scale, shift, weight1, bias1, weight2, bias2 = folded
     batch, planes, height, width = x1.shape
     k, pad, spatial = kernel_size, kernel_size // 2, height * width
@@ -240,7 +256,11 @@ def _pairwise_weights(
     in_place = not (torch.compiler.is_compiling() or needs_grad(x1, x2, pos_rows, weight1, weight2, bias2))
 
     samples, rows = offset_chunks(batch, planes, k, spatial, _chunk_elements(x1))
-    logits = x1.new_empty((batch, weight_planes, k, k * spatial))
+    logits_shape = (batch, weight_planes, k, k * spatial)
+    if in_place and logits_buffer is not None:
+        logits = logits_buffer[:batch * weight_planes * k * k * spatial].view(logits_shape)
+    else:
+        logits = x1.new_empty(logits_shape)
     buffer = x1.new_empty((samples * (planes + 3) * rows * k * spatial,)) if in_place else None
     if in_place:
         # the hidden rows get a row of ones that carries the last layer's bias through its matmul
@@ -275,7 +295,7 @@ def _pairwise_weights(
                 chunk = _bmm(weight2, hidden).add_(bias2.view(1, -1, 1))
                 logits[start:end, :, row:row_end] = chunk.view(num, weight_planes, row_end - row, k * spatial)
     logits = logits.view(batch, weight_planes, k * k, spatial)
-    return torch.softmax(logits, dim=2)
+    return _softmax_in_place(logits, 2) if in_place else torch.softmax(logits, dim=2)
 
 
 @register_notrace_function
@@ -311,9 +331,14 @@ def pairwise_weights(
 
 
 def _patchwise_weights(
-        x1: torch.Tensor, x2: torch.Tensor, folded: List[torch.Tensor], kernel_size: int) -> torch.Tensor:
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        folded: List[torch.Tensor],
+        kernel_size: int,
+        weights_buffer: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     if not (torch.compiler.is_compiling() or needs_grad(x1, x2, *folded)):
-        return _patchwise_weights_in_place(x1, x2, folded, kernel_size)
+        return _patchwise_weights_in_place(x1, x2, folded, kernel_size, weights_buffer)
     scale, shift, weight1, bias1, weight2, bias2 = folded
     batch, planes, height, width = x1.shape
     k, spatial = kernel_size, height * width
@@ -343,7 +368,12 @@ def _patchwise_weights(
 
 
 def _patchwise_weights_in_place(
-        x1: torch.Tensor, x2: torch.Tensor, folded: List[torch.Tensor], kernel_size: int) -> torch.Tensor:
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        folded: List[torch.Tensor],
+        kernel_size: int,
+        weights_buffer: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """``_patchwise_weights`` without autograd, the samples side by side in the columns of every matmul.
 
     Both layers then run as one matrix product over ``B * H * W`` columns instead of ``B`` products over ``H * W``
@@ -377,7 +407,12 @@ def _patchwise_weights_in_place(
             foot_shift[:, row:row_end], windows[:, row:row_end], foot_scale[:, row:row_end], out=relation).relu_()
         hidden.addmm_(foot_weight[:, :, row:row_end].reshape(weight_planes, -1), relation.view(-1, columns))
     hidden.relu_()
-    weights = torch.mm(torch.cat([weight2, bias2.view(-1, 1)], dim=1), hidden_rows.view(weight_planes + 1, columns))
+    weight2 = torch.cat([weight2, bias2.view(-1, 1)], dim=1)
+    if weights_buffer is None:
+        weights = torch.mm(weight2, hidden_rows.view(weight_planes + 1, columns))
+    else:
+        weights = weights_buffer[:weight2.shape[0] * columns].view(weight2.shape[0], columns)
+        torch.mm(weight2, hidden_rows.view(weight_planes + 1, columns), out=weights)
     return weights.view(weight_planes, k * k, batch, height * width).permute(2, 0, 1, 3)
 
 
@@ -414,22 +449,84 @@ def _attend_chunk(
         x3: torch.Tensor,
         weights: torch.Tensor,
         kernel_size: int,
+        out_affine: Optional[Tuple[torch.Tensor, torch.Tensor]],
+        extended: bool,
+        out: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The aggregation of one sample chunk, then ``relu(x * scale + shift)`` given ``out_affine``, into ``out``.
+
+    ``out`` is the chunk's slice of the whole batch's output (no autograd), or None for a fresh tensor.
+    """
+    if extended:
+        agg = _aggregate_extended(x3, weights, kernel_size)
+    else:
+        agg = aggregation(x3, weights, kernel_size)
+    if out_affine is None:
+        if out is None:
+            return agg.contiguous()
+        return out.copy_(agg)
+    # the block's BatchNorm and ReLU while the chunk is in cache
+    scale, shift = out_affine
+    if out is None:
+        return torch.addcmul(shift, agg, scale).relu_()
+    return torch.addcmul(shift, agg, scale, out=out).relu_()
+
+
+def _out_affine(
+        out_norm: Optional[List[Optional[torch.Tensor]]], out_eps: float,
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The output BatchNorm ``[weight, bias, running_mean, running_var]`` as ``(scale, shift)`` of shape (C, 1, 1)."""
+    if out_norm is None:
+        return None
+    running_mean, running_var = out_norm[2], out_norm[3]
+    assert running_mean is not None and running_var is not None
+    scale, shift = _bn_affine(out_norm[0], out_norm[1], running_mean, running_var, out_eps)
+    return scale.view(-1, 1, 1), shift.view(-1, 1, 1)
+
+
+def _attend_by_sample_chunks(
+        weights_of: Callable[[int, int, Optional[torch.Tensor]], torch.Tensor],
+        x3: torch.Tensor,
+        per_sample: int,
+        kernel_size: int,
         out_norm: Optional[List[Optional[torch.Tensor]]],
         out_eps: float,
-        extended: bool,
+        inputs: List[torch.Tensor],
 ) -> torch.Tensor:
-    if extended:
-        out = _aggregate_extended(x3, weights, kernel_size)
-        if out_norm is None:
-            return out.contiguous()
-    else:
-        out = aggregation(x3, weights, kernel_size)
-    if out_norm is None:
+    """``aggregation(x3, weights)``, then ``relu(out_norm(...))`` given ``out_norm``, a few samples at a time on CPU.
+
+    Args:
+        weights_of: ``weights_of(start, end, buffer)``: the ``(end - start, Cw, k * k, H * W)`` weights of samples
+            ``start:end``, computed in ``buffer`` (a flat tensor) where it is not None.
+        x3: Aggregated map ``(B, C, H, W)``.
+        per_sample: Weights elements of one sample.
+        kernel_size: Footprint side ``k``.
+        out_norm: ``[weight, bias, running_mean, running_var]`` of an eval BatchNorm, or None.
+        out_eps: That BatchNorm's epsilon.
+        inputs: Every tensor the weights are computed from (for the autograd and device checks).
+
+    Without autograd the sample chunks share one weights buffer and write into one output: memory the next chunk
+    finds in cache and already mapped, where fresh tensors per chunk (megabytes at 56 x 56) would each take their
+    pages from the OS again.
+    """
+    batch, height, width = x3.shape[0], x3.shape[2], x3.shape[3]
+    step = _attention_samples(x3, per_sample)
+    extended = _use_extended(x3, kernel_size, *inputs)
+    affine = _out_affine(out_norm, out_eps)
+    shared = step < batch and not (torch.compiler.is_compiling() or needs_grad(x3, *inputs))
+    out = torch.empty_like(x3, memory_format=torch.contiguous_format) if shared else None
+    buffer = x3.new_empty((step * per_sample,)) if shared else None
+    chunks: List[torch.Tensor] = []
+    for start in range(0, batch, step):
+        end = min(start + step, batch)
+        weights = weights_of(start, end, buffer)
+        if extended:
+            weights = _to_extended(weights, height, width, kernel_size)
+        chunk_out = None if out is None else out[start:end]
+        chunks.append(_attend_chunk(x3[start:end], weights, kernel_size, affine, extended, chunk_out))
+    if out is not None:
         return out
-    # the block's BatchNorm and ReLU while the chunk is in cache: the module path's arithmetic, chunk by chunk
-    norm_weight, norm_bias, running_mean, running_var = out_norm
-    assert running_mean is not None and running_var is not None
-    return F.batch_norm(out, running_mean, running_var, norm_weight, norm_bias, False, 0., out_eps).relu_()
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 @register_notrace_function
@@ -465,17 +562,13 @@ def pairwise_attention(
     """
     folded = fold_mapping(mapping, eps1, eps2)
     pos_rows = _position_rows(position, folded, x1.shape[1], kernel_size)
-    height, width = x1.shape[2], x1.shape[3]
-    per_sample = folded[4].shape[0] * kernel_size * kernel_size * height * width
-    step = _attention_samples(x1, per_sample)
-    extended = _use_extended(x1, kernel_size, x2, x3, *folded)
-    chunks: List[torch.Tensor] = []
-    for start in range(0, x1.shape[0], step):
-        weights = _pairwise_weights(x1[start:start + step], x2[start:start + step], pos_rows, folded, kernel_size)
-        if extended:
-            weights = _to_extended(weights, height, width, kernel_size)
-        chunks.append(_attend_chunk(x3[start:start + step], weights, kernel_size, out_norm, out_eps, extended))
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    per_sample = folded[4].shape[0] * kernel_size * kernel_size * x1.shape[2] * x1.shape[3]
+
+    def weights_of(start: int, end: int, buffer: Optional[torch.Tensor]) -> torch.Tensor:
+        return _pairwise_weights(x1[start:end], x2[start:end], pos_rows, folded, kernel_size, buffer)
+
+    return _attend_by_sample_chunks(
+        weights_of, x3, per_sample, kernel_size, out_norm, out_eps, [x1, x2, position, *folded])
 
 
 @register_notrace_function
@@ -509,12 +602,8 @@ def patchwise_attention(
     """
     folded = fold_mapping(mapping, eps1, eps2)
     per_sample = folded[2].shape[0] * kernel_size * kernel_size * x1.shape[2] * x1.shape[3]
-    step = _attention_samples(x1, per_sample)
-    extended = _use_extended(x1, kernel_size, x2, x3, *folded)
-    chunks: List[torch.Tensor] = []
-    for start in range(0, x1.shape[0], step):
-        weights = _patchwise_weights(x1[start:start + step], x2[start:start + step], folded, kernel_size)
-        if extended:
-            weights = _to_extended(weights, x1.shape[2], x1.shape[3], kernel_size)
-        chunks.append(_attend_chunk(x3[start:start + step], weights, kernel_size, out_norm, out_eps, extended))
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+    def weights_of(start: int, end: int, buffer: Optional[torch.Tensor]) -> torch.Tensor:
+        return _patchwise_weights(x1[start:end], x2[start:end], folded, kernel_size, buffer)
+
+    return _attend_by_sample_chunks(weights_of, x3, per_sample, kernel_size, out_norm, out_eps, [x1, x2, *folded])
