@@ -9,7 +9,8 @@ still in cache when the next phase is compared with it, so only the pooled map i
 
 The result equals the module path up to float rounding (the BatchNorm is folded into the conv's weights). Where
 autograd has to record the call, it is computed as the module path computes it instead, so gradients are the
-module path's too.
+module path's too. The pooled matmul loop (``pooled_linear_relu``) also serves the training stem
+(``timm_san.stem_train``), which folds batch statistics instead and records each window's winning phase.
 """
 from typing import Optional
 
@@ -62,25 +63,61 @@ def pooled_stem(
     shift = -running_mean * scale
     if bn_bias is not None:
         shift = shift + bn_bias
-    out_planes = conv_weight.shape[0]
     # scaling the weights (not the pooled output) keeps the maximum right for negative BatchNorm scales
-    weight = conv_weight.reshape(out_planes, -1) * scale.view(-1, 1)
-    shift = shift.view(-1, 1)
+    weight = conv_weight.reshape(conv_weight.shape[0], -1) * scale.view(-1, 1)
+    return pooled_linear_relu(x, weight, shift, chunk_elements=chunk_elements)
 
+
+def window_phases(x: torch.Tensor) -> torch.Tensor:
+    """Phase ``(dy, dx)`` of every 2x2 window of ``x`` as a ``(B, 4, C, H/2 * W/2)`` copy (phase ``2 * dy + dx``).
+
+    An odd last row or column is left out, as ``MaxPool2d`` leaves it out.
+    """
     batch, planes, height, width = x.shape
     pooled_h, pooled_w = height // 2, width // 2
-    spatial = pooled_h * pooled_w
-    # phase (dy, dx) of every 2x2 window as a (C, H/2 * W/2) matrix: a copy of the (few-channel) input only
     phases = x[:, :, :2 * pooled_h, :2 * pooled_w].reshape(batch, planes, pooled_h, 2, pooled_w, 2)
-    phases = phases.permute(0, 3, 5, 1, 2, 4).reshape(batch, 4, planes, spatial)
+    return phases.permute(0, 3, 5, 1, 2, 4).reshape(batch, 4, planes, pooled_h * pooled_w)
+
+
+def pooled_linear_relu(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        shift: torch.Tensor,
+        argmax: Optional[torch.Tensor] = None,
+        chunk_elements: int = _CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """``relu(max_pool2d(conv2d(x, weight) + shift, 2, 2))`` for a 1x1 ``weight``, without autograd.
+
+    Args:
+        x: Input ``(B, C, H, W)``.
+        weight: ``(O, C)`` matrix.
+        shift: ``(O,)`` per-channel shift.
+        argmax: ``(B, O, H // 2, W // 2)`` uint8 tensor to fill with the phase (``2 * dy + dx``) of each window's
+            maximum, the first one on ties (as ``MaxPool2d`` picks it), or None.
+        chunk_elements: Elements of the pooled output one matmul chunk computes.
+
+    Returns:
+        Tensor of shape ``(B, O, H // 2, W // 2)``.
+    """
+    batch, out_planes = x.shape[0], weight.shape[0]
+    pooled_h, pooled_w = x.shape[2] // 2, x.shape[3] // 2
+    spatial = pooled_h * pooled_w
+    phases = window_phases(x)
+    shift = shift.view(-1, 1)
     out = x.new_empty((batch, out_planes, spatial))
+    arg = None if argmax is None else argmax.view(batch, out_planes, spatial)
     cols = max(1, chunk_elements // max(1, out_planes))
     for sample in range(batch):
         for start in range(0, spatial, cols):
             end = min(start + cols, spatial)
             acc = out[sample, :, start:end]
             torch.mm(weight, phases[sample, 0, :, start:end], out=acc)
+            if arg is not None:
+                arg[sample, :, start:end] = 0
             for phase in range(1, 4):
-                torch.maximum(acc, torch.mm(weight, phases[sample, phase, :, start:end]), out=acc)
+                product = torch.mm(weight, phases[sample, phase, :, start:end])
+                if arg is not None:
+                    arg[sample, :, start:end].masked_fill_(product > acc, phase)
+                torch.maximum(acc, product, out=acc)
             acc.add_(shift).relu_()
     return out.view(batch, out_planes, pooled_h, pooled_w)

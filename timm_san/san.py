@@ -32,6 +32,7 @@ from .hub_errors import explain_pretrained_errors
 from .hub_ids import hf_hub_id
 from .matmul_conv import conv1x1
 from .sam import SA_TYPES, SelfAttention
+from .stem_train import pooled_stem_train, stem_train_supported
 
 __all__ = ['SAN', 'SanBottleneck']
 
@@ -368,6 +369,9 @@ class SAN(nn.Module):
                     # a conv bias only moves what the BatchNorm subtracts
                     mean = mean - self.conv_in.bias
                 return pooled_stem(x, self.conv_in.weight, bn.weight, bn.bias, mean, bn.running_var, bn.eps)
+            if (self.fused and self.training and fusions_apply(x) and not _fx_tracing()
+                    and stem_train_supported(x, self.conv_in, self.bn_in, self.act_in, self.pool0)):
+                return pooled_stem_train(x, self.conv_in, self.bn_in)
         return self.pool0(self.act_in(self.bn_in(self.conv_in(x))))
 
     def _forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
