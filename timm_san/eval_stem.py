@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 
 from .fusable import needs_grad
+from .ops_fused import _bn_affine
 
 __all__ = ['pooled_stem']
 
@@ -57,12 +58,7 @@ def pooled_stem(
         # the fused loop writes through out= (not differentiable); the plain ops also give MaxPool2d's gradient
         y = F.batch_norm(F.conv2d(x, conv_weight), running_mean, running_var, bn_weight, bn_bias, False, 0., eps)
         return F.max_pool2d(torch.relu(y), 2, 2)
-    scale = torch.rsqrt(running_var + eps)
-    if bn_weight is not None:
-        scale = scale * bn_weight
-    shift = -running_mean * scale
-    if bn_bias is not None:
-        shift = shift + bn_bias
+    scale, shift = _bn_affine(bn_weight, bn_bias, running_mean, running_var, eps)
     # scaling the weights (not the pooled output) keeps the maximum right for negative BatchNorm scales
     weight = conv_weight.reshape(conv_weight.shape[0], -1) * scale.view(-1, 1)
     return pooled_linear_relu(x, weight, shift, chunk_elements=chunk_elements)

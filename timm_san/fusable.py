@@ -13,8 +13,8 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 __all__ = [
-    'EVAL_FUSION_DEVICES', 'fusions_apply', 'needs_grad', 'plain_conv1x1', 'eval_batch_norm', 'plain_relu',
-    'plain_max_pool2x2', 'identity_in_eval',
+    'EVAL_FUSION_DEVICES', 'fusions_apply', 'needs_grad', 'plain_conv1x1', 'eval_batch_norm', 'train_batch_norm',
+    'plain_relu', 'plain_max_pool2x2', 'identity_in_eval',
 ]
 
 # Device types the eval fusions run on. They trade kernel launches for cache reuse, which pays on a CPU; on an H200
@@ -71,6 +71,19 @@ def eval_batch_norm(module: nn.Module) -> bool:
         type(module) is nn.BatchNorm2d
         and _unhooked(module)
         and not module.training
+        and module.running_mean is not None
+        and module.running_var is not None
+    )
+
+
+def train_batch_norm(module: nn.Module) -> bool:
+    """An affine ``nn.BatchNorm2d`` in training mode that normalises with batch statistics and keeps running ones."""
+    return (
+        type(module) is nn.BatchNorm2d
+        and _unhooked(module)
+        and module.training
+        and module.affine
+        and module.track_running_stats
         and module.running_mean is not None
         and module.running_var is not None
     )

@@ -796,6 +796,11 @@ def _plain_conv(conv: nn.Module) -> bool:
     )
 
 
+def train_input_supported(x: torch.Tensor) -> bool:
+    """Whether the CPU training operators compute on ``x``: a CPU float32 / float64 tensor, outside autocast."""
+    return x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64) and not _autocast_cpu()
+
+
 def train_supported(x: torch.Tensor, convs: List[nn.Module], conv_w: nn.Sequential) -> bool:
     """Whether ``pairwise_attention_train`` / ``patchwise_attention_train`` apply to SAM's modules and input.
 
@@ -804,9 +809,7 @@ def train_supported(x: torch.Tensor, convs: List[nn.Module], conv_w: nn.Sequenti
     """
     bn1, bn2 = conv_w[0], conv_w[3]
     return (
-        x.device.type == 'cpu'
-        and x.dtype in (torch.float32, torch.float64)
-        and not _autocast_cpu()
+        train_input_supported(x)
         and all(_plain_conv(conv) for conv in convs)
         and bn1.training and bn2.training
         and bn1.track_running_stats and bn2.track_running_stats

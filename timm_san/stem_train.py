@@ -27,8 +27,8 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from .eval_stem import pooled_linear_relu, window_phases
-from .fusable import plain_conv1x1, plain_max_pool2x2, plain_relu
-from .ops_train import _autocast_cpu, _update_running_stats
+from .fusable import plain_conv1x1, plain_max_pool2x2, plain_relu, train_batch_norm
+from .ops_train import _bn_coefficients, _update_running_stats, train_input_supported
 
 __all__ = ['pooled_stem_train', 'stem_train_supported']
 
@@ -63,8 +63,7 @@ class _PooledStemTrainFn(torch.autograd.Function):
         mean = weight @ mean_in
         var = ((weight @ covariance) * weight).sum(dim=1)
         invstd = torch.rsqrt(var + eps)
-        scale = bn_weight * invstd
-        shift = bn_bias - mean * scale
+        scale, shift = _bn_coefficients(bn_weight, bn_bias, mean, invstd)
         argmax = torch.empty(
             (x.shape[0], out_planes, x.shape[2] // 2, x.shape[3] // 2), dtype=torch.uint8, device=x.device)
         out = pooled_linear_relu(x, weight * scale.view(-1, 1), shift, argmax)
@@ -85,56 +84,56 @@ class _PooledStemTrainFn(torch.autograd.Function):
         grad = torch.where(out > 0, grad, 0).reshape(batch, out_planes, spatial)
         argmax = argmax.view(batch, out_planes, spatial)
         centred = window_phases(x - mean_in.view(1, -1, 1, 1))
-        # P = sum over the winning pixels of grad * (x - m): per sample and phase, a matmul over the pooled map
+        scale = bn_weight * invstd
+        folded = weight * scale.view(-1, 1)
+        grad_x = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
+        # P = sum over the winning pixels of grad * (x - m): per sample and phase, a matmul over the pooled map; the
+        # same phase gradients carry W'^T g to the input's winning pixels
         moment = x.new_zeros((out_planes, x.shape[1]))
         for sample in range(batch):
             for phase in range(4):
-                moment.addmm_(torch.where(argmax[sample] == phase, grad[sample], 0), centred[sample, phase].t())
+                phase_grad = torch.where(argmax[sample] == phase, grad[sample], 0)
+                moment.addmm_(phase_grad, centred[sample, phase].t())
+                if grad_x is not None:
+                    _phase_view(grad_x, phase)[sample] += (folded.t() @ phase_grad).view(x.shape[1], *out.shape[2:])
         grad_shift = grad.sum(dim=(0, 2))
         grad_norm = (weight * moment).sum(dim=1)
-        scale = bn_weight * invstd
         grad_conv = scale.view(-1, 1) * (moment - (grad_norm * invstd * invstd).view(-1, 1) * (weight @ covariance))
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _input_grad(x, mean_in, weight, scale, invstd, grad_shift, grad_norm, grad, argmax)
+        if grad_x is not None:
+            _add_statistics_grad(grad_x, x, mean_in, weight, folded, scale * grad_norm * invstd * invstd, grad_shift)
         grad_bn_weight = grad_norm * invstd if ctx.needs_input_grad[3] else None
         grad_bn_bias = grad_shift if ctx.needs_input_grad[4] else None
         return grad_x, None, grad_conv.view(ctx.weight_shape), grad_bn_weight, grad_bn_bias
 
 
-def _input_grad(
+def _phase_view(x: torch.Tensor, phase: int) -> torch.Tensor:
+    """The pixels of phase ``(dy, dx) = divmod(phase, 2)`` of every 2x2 window: a ``(B, C, H/2, W/2)`` view."""
+    pooled_h, pooled_w = x.shape[2] // 2, x.shape[3] // 2
+    windows = x[:, :, :2 * pooled_h, :2 * pooled_w].view(x.shape[0], x.shape[1], pooled_h, 2, pooled_w, 2)
+    return windows[:, :, :, phase // 2, :, phase % 2]
+
+
+def _add_statistics_grad(
+        grad_x: torch.Tensor,
         x: torch.Tensor,
         mean_in: torch.Tensor,
         weight: torch.Tensor,
-        scale: torch.Tensor,
-        invstd: torch.Tensor,
+        folded: torch.Tensor,
+        variance_coefficient: torch.Tensor,
         grad_shift: torch.Tensor,
-        grad_norm: torch.Tensor,
-        grad: torch.Tensor,
-        argmax: torch.Tensor,
-) -> torch.Tensor:
-    """The stem's input gradient: ``W'^T g`` on each window's winning pixel, plus ``M (x - m) + v`` everywhere.
+) -> None:
+    """Adds to every pixel's input gradient the part that flows through the batch statistics: ``M (x - m) + v``.
 
-    ``v = -W'^T G0 / N`` and ``M = -sum_o a_o G1_o / (var_o + eps) w_o w_o^T / N`` come from the BatchNorm's
-    mean and variance, which every pixel of the batch (the pool's odd last row or column too) feeds. ``grad`` and
-    ``argmax`` are ``(B, O, H/2 * W/2)``: the gradient after the ReLU and the winning phases.
+    ``v = -W'^T G0 / N`` and ``M = -sum_o c_o w_o w_o^T / N`` with ``c_o = a_o G1_o / (var_o + eps)`` (the
+    ``variance_coefficient``): every pixel of the batch (the pool's odd last row or column too) feeds the BatchNorm's
+    mean and variance.
     """
-    batch, planes, height, width = x.shape
-    pixels = batch * height * width
-    folded = weight * scale.view(-1, 1)
+    batch, planes = x.shape[0], x.shape[1]
+    pixels = batch * x.shape[2] * x.shape[3]
     shift = -(folded.t() @ grad_shift) / pixels
-    linear = -(weight.t() * (scale * grad_norm * invstd * invstd)) @ weight / pixels
+    linear = -(weight.t() * variance_coefficient) @ weight / pixels
     centred = (x - mean_in.view(1, -1, 1, 1)).reshape(batch, planes, -1)
-    grad_x = torch.bmm(linear.expand(batch, -1, -1), centred).add_(shift.view(1, -1, 1))
-    pooled_h, pooled_w = height // 2, width // 2
-    windows = grad_x.view(batch, planes, height, width)[:, :, :2 * pooled_h, :2 * pooled_w]
-    windows = windows.view(batch, planes, pooled_h, 2, pooled_w, 2)
-    for sample in range(batch):
-        for phase in range(4):
-            phase_grad = torch.where(argmax[sample] == phase, grad[sample], 0)
-            contribution = (folded.t() @ phase_grad).view(planes, pooled_h, pooled_w)
-            windows[sample, :, :, phase // 2, :, phase % 2] += contribution
-    return grad_x.view(batch, planes, height, width)
+    grad_x.view(batch, planes, -1).baddbmm_(linear.expand(batch, -1, -1), centred).add_(shift.view(1, -1, 1))
 
 
 def stem_train_supported(
@@ -145,12 +144,9 @@ def stem_train_supported(
     running statistics, an ``nn.ReLU`` and a 2x2 max-pool, none of them hooked.
     """
     return (
-        x.device.type == 'cpu'
-        and x.dtype in (torch.float32, torch.float64)
-        and not _autocast_cpu()
+        train_input_supported(x)
         and plain_conv1x1(conv) and conv.bias is None
-        and type(bn) is nn.BatchNorm2d and not (bn._forward_hooks or bn._forward_pre_hooks)
-        and bn.training and bn.track_running_stats and bn.affine and bn.running_mean is not None
+        and train_batch_norm(bn)
         and plain_relu(act) and plain_max_pool2x2(pool)
     )
 
