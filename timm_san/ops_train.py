@@ -204,6 +204,21 @@ def _running_stats_update(
     return torch.cat([mean1, var1 * unbias, mean2, var2 * unbias])
 
 
+def _save_for_backward(
+        ctx, kernel_size: int, x: torch.Tensor, kept: torch.Tensor, batch_stats: Sequence[torch.Tensor],
+        params: Sequence[Optional[torch.Tensor]],
+) -> None:
+    """What both training operators keep: SAM's input, one more tensor, ``[mean1, invstd1, mean2, invstd2]``."""
+    ctx.kernel_size = kernel_size
+    ctx.save_for_backward(x, kept, *batch_stats, *params)
+
+
+def _saved(ctx) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """``(x, kept, [mean1, invstd1, mean2, invstd2], params)`` as ``_save_for_backward`` kept them."""
+    saved = ctx.saved_tensors  # once: a checkpoint around the module refuses a second unpack
+    return saved[0], saved[1], list(saved[2:6]), list(saved[6:])
+
+
 def _bn_coefficients(
         weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -374,8 +389,7 @@ class _PairwiseAttentionTrainFn(torch.autograd.Function):
             torch.ops.aten._softmax.out(logits.view(weights.shape), 2, False, out=weights)
             out[b0:b1] = _aggregation(x3[b0:b1], weights, k)
 
-        ctx.kernel_size = k
-        ctx.save_for_backward(x, position, mean1, invstd1, mean2, invstd2, *params)
+        _save_for_backward(ctx, k, x, position, [mean1, invstd1, mean2, invstd2], params)
         stats = _running_stats_update(mean1, var1, mean2, var2, n)
         ctx.mark_non_differentiable(stats)
         return out, stats
@@ -383,9 +397,7 @@ class _PairwiseAttentionTrainFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor, grad_stats: torch.Tensor):
-        saved = ctx.saved_tensors  # once: a checkpoint around the module refuses a second unpack
-        x, position, mean1, invstd1, mean2, invstd2 = saved[:6]
-        params = saved[6:]
+        x, position, (mean1, invstd1, mean2, invstd2), params = _saved(ctx)
         bn1_weight, bn1_bias, map1_w, map1_b, bn2_weight, bn2_bias, map2_w, map2_b = params[6:]
         x1, x2, x3 = _sam_convs(x, params[:6])
         k = ctx.kernel_size
@@ -641,8 +653,7 @@ class _PatchwiseAttentionTrainFn(torch.autograd.Function):
             weights = _logits(weight2, map2_b, act2[b0:b1], workspace).view(b1 - b0, weight_planes, offsets, spatial)
             out[b0:b1] = _aggregation(x3[b0:b1], weights, k)
 
-        ctx.kernel_size = k
-        ctx.save_for_backward(x, hidden, mean1, invstd1, mean2, invstd2, *params)
+        _save_for_backward(ctx, k, x, hidden, [mean1, invstd1, mean2, invstd2], params)
         stats = _running_stats_update(mean1, var1, mean2, var2, n)
         ctx.mark_non_differentiable(stats)
         return out, stats
@@ -650,9 +661,7 @@ class _PatchwiseAttentionTrainFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor, grad_stats: torch.Tensor):
-        saved = ctx.saved_tensors  # once: a checkpoint around the module refuses a second unpack
-        x, hidden, mean1, invstd1, mean2, invstd2 = saved[:6]
-        params = saved[6:]
+        x, hidden, (mean1, invstd1, mean2, invstd2), params = _saved(ctx)
         bn1_weight, bn1_bias, map1_w, map1_b, bn2_weight, bn2_bias, map2_w, map2_b = params[6:]
         x1, x2, x3 = _sam_convs(x, params[:6])
         k = ctx.kernel_size
