@@ -19,34 +19,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, is_scriptable, \
+from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, get_device_dtype, \
     register_notrace_function
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
-from .eval_ops import max_pool2x2
-from .eval_stem import pooled_stem
-from .fusable import eval_batch_norm, fusions_apply, identity_in_eval, plain_conv1x1, plain_max_pool2x2, plain_relu
 from .hub_errors import explain_pretrained_errors
 from .hub_ids import hf_hub_id
-from .matmul_conv import conv1x1
 from .sam import SA_TYPES, SelfAttention
-from .stem_train import pooled_stem_train, stem_train_supported
 
 __all__ = ['SAN', 'SanBottleneck']
 
 NUM_STAGES = 5
 STAGE_WIDTHS = (64, 256, 512, 1024, 2048)
 STAGE_KERNELS = (3, 7, 7, 7, 7)
-
-# eval on CPU: the stem and the leading stages whose maps hold at least _SPLIT_MIN_STAGE_ELEMENTS per sample run on
-# chunks of samples whose stage-0 map holds about _SPLIT_ELEMENTS per intra-op thread (two samples at 224px on one
-# thread), so that a chunk's maps stay in cache from one layer to the next; the small late stages keep the whole
-# batch for their matmuls
-_SPLIT_ELEMENTS = 1 << 21
-_SPLIT_MIN_STAGE_ELEMENTS = 1 << 18
-
 
 @register_notrace_function
 def check_input_size(x: torch.Tensor, min_size: int = 32) -> None:
@@ -56,10 +43,6 @@ def check_input_size(x: torch.Tensor, min_size: int = 32) -> None:
         raise ValueError(
             f'SAN needs input images of at least {min_size}x{min_size} pixels (five stages each halve the map '
             f'with a 2x2 max-pool), got {height}x{width}. Resize or pad the images.')
-
-
-def _fx_tracing() -> bool:
-    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
 class SanBottleneck(nn.Module):
@@ -94,41 +77,15 @@ class SanBottleneck(nn.Module):
         mid_planes = planes // 4
         self.bn1 = norm_layer(planes, **dd)
         self.sam = SelfAttention(
-            sa_type, planes, planes // 16, mid_planes, share_planes, kernel_size,
-            norm_layer=norm_layer, act_layer=act_layer, **dd)
+            sa_type, planes, planes // 16, mid_planes, share_planes, kernel_size, norm_layer=norm_layer, **dd)
         self.bn2 = norm_layer(mid_planes, **dd)
         self.conv = nn.Conv2d(mid_planes, planes, kernel_size=1, **dd)
         self.act = act_layer(inplace=True)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        # eval: the last conv and the residual add as one matmul, unless the model is meant to be scripted
-        self.fused = not is_scriptable()
-
-    def _residual_fusable(self, x: torch.Tensor) -> bool:
-        """Whether this eval call may compute ``conv`` and the residual add as one matmul accumulating on ``x``."""
-        return (
-            self.fused
-            and not self.training
-            and fusions_apply(x)
-            and plain_conv1x1(self.conv)
-            and identity_in_eval(self.drop_path)
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            if self._residual_fusable(x):
-                out = self.act(self.bn1(x))
-                # FX traces through module calls only: the traced graph keeps sam and bn2 as they are
-                if eval_batch_norm(self.bn2) and plain_relu(self.act) and not _fx_tracing():
-                    out = self.sam.forward_norm_relu(out, self.bn2)
-                else:
-                    out = self.act(self.bn2(self.sam(out)))
-                return conv1x1(out, self.conv.weight, self.conv.bias, residual=x)
         out = self.act(self.bn1(x))
         out = self.act(self.bn2(self.sam(out)))
-        if not torch.jit.is_scripting():
-            if self.fused and fusions_apply(x) and plain_conv1x1(self.conv):
-                # training (or an eval block with stochastic depth kept): the conv as matmuls, backward included
-                return self.drop_path(conv1x1(out, self.conv.weight, self.conv.bias)) + x
         out = self.conv(out)
         return self.drop_path(out) + x
 
@@ -198,8 +155,6 @@ class SAN(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        # eval: fused stem and layers, unless the model is meant to be scripted (they are Python-only)
-        self.fused = not is_scriptable()
 
         self.conv_in = nn.Conv2d(in_chans, STAGE_WIDTHS[0], kernel_size=1, bias=False, **dd)
         self.bn_in = norm_layer(STAGE_WIDTHS[0], **dd)
@@ -352,84 +307,22 @@ class SAN(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
-    def _eval_fused(self, x: torch.Tensor) -> bool:
-        """Whether this call may take the eval fusions (each still checks that its modules are the standard ones).
-
-        Not where ``fusions_apply`` says no (other devices, autocast, torch.compile).
-        """
-        return self.fused and not self.training and fusions_apply(x)
-
-    def _stem_pool(self, x: torch.Tensor) -> torch.Tensor:
-        """The stem and stage 0's max-pool: ``pool0(act_in(bn_in(conv_in(x))))``."""
-        if not torch.jit.is_scripting():
-            if (self._eval_fused(x) and plain_conv1x1(self.conv_in) and eval_batch_norm(self.bn_in)
-                    and plain_relu(self.act_in) and plain_max_pool2x2(self.pool0)):
-                bn, mean = self.bn_in, self.bn_in.running_mean
-                if self.conv_in.bias is not None:
-                    # a conv bias only moves what the BatchNorm subtracts
-                    mean = mean - self.conv_in.bias
-                return pooled_stem(x, self.conv_in.weight, bn.weight, bn.bias, mean, bn.running_var, bn.eps)
-            if (self.fused and self.training and fusions_apply(x) and not _fx_tracing()
-                    and stem_train_supported(x, self.conv_in, self.bn_in, self.act_in, self.pool0)):
-                return pooled_stem_train(x, self.conv_in, self.bn_in)
-        return self.pool0(self.act_in(self.bn_in(self.conv_in(x))))
-
-    def _forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Stage ``index`` after its pool (stage 0's is in ``_stem_pool``, others here): conv, layer, bn, act."""
-        pool, conv, layer, bn, act = [getattr(self, name) for name in self._stage_names(index)]
-        fuse = self._eval_fused(x)
-        if index > 0:
-            x = max_pool2x2(x) if fuse and plain_max_pool2x2(pool) else pool(x)
-        # the conv as matmuls in training too (backward included): faster than oneDNN's on large maps
-        matmul = self.fused and fusions_apply(x) and plain_conv1x1(conv)
-        x = conv1x1(x, conv.weight, conv.bias) if matmul else conv(x)
-        return act(bn(layer(x)))
-
-    def _split_plan(self, x: torch.Tensor, last: int) -> Tuple[int, int]:
-        """``(samples per chunk, leading stages run chunk by chunk)`` for ``_forward_stages``; ``0`` stages: none."""
-        batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
-        if _fx_tracing() or not self._eval_fused(x):
-            return batch, 0
-        stages = 0
-        while stages <= last and STAGE_WIDTHS[stages] * (height >> stages + 1) * (width >> stages + 1) >= \
-                _SPLIT_MIN_STAGE_ELEMENTS:
-            stages += 1
-        budget = _SPLIT_ELEMENTS * torch.get_num_threads()
-        samples = max(1, budget // max(1, STAGE_WIDTHS[0] * (height // 2) * (width // 2)))
-        return samples, (stages if samples < batch else 0)
-
     def _forward_stages(
             self, x: torch.Tensor, last: int, take_indices: List[int]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Stem and stages ``0..last``, and the outputs of the stages in ``take_indices``."""
-        samples, split = self._split_plan(x, last)
+        x = self.act_in(self.bn_in(self.conv_in(x)))
         intermediates: List[torch.Tensor] = []
-        if split:
-            # every layer is per sample in eval: chunks of the batch go through the early stages one after another
-            chunks, chunk_intermediates = [], []
-            for start in range(0, x.shape[0], samples):
-                y, taken = self._stem_pool(x[start:start + samples]), []
-                for i in range(split):
-                    y = self._forward_stage(i, y)
-                    if i in take_indices:
-                        taken.append(y)
-                chunks.append(y)
-                chunk_intermediates.append(taken)
-            x = torch.cat(chunks)
-            intermediates = [torch.cat(parts) for parts in zip(*chunk_intermediates)]
-        else:
-            x = self._stem_pool(x)
-        for i in range(split, last + 1):
-            x = self._forward_stage(i, x)
+        for i in range(last + 1):
+            pool, conv, layer, bn, act = [getattr(self, name) for name in self._stage_names(i)]
+            x = act(bn(layer(conv(pool(x)))))
             if i in take_indices:
                 intermediates.append(x)
         return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x)
-        if not torch.jit.is_scripting():
-            return self._forward_stages(x, NUM_STAGES - 1, [])[0]
-        x = self.pool0(self.act_in(self.bn_in(self.conv_in(x))))
-        x = self.act0(self.bn0(self.layer0(self.conv0(x))))
+        x = self.act_in(self.bn_in(self.conv_in(x)))
+        x = self.act0(self.bn0(self.layer0(self.conv0(self.pool0(x)))))
         x = self.act1(self.bn1(self.layer1(self.conv1(self.pool1(x)))))
         x = self.act2(self.bn2(self.layer2(self.conv2(self.pool2(x)))))
         x = self.act3(self.bn3(self.layer3(self.conv3(self.pool3(x)))))

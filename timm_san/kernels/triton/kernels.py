@@ -1,7 +1,6 @@
 """ Triton kernels of SAN's operators (gather, relation, aggregation), forward and backward
 
-The launchers, and the check whether they may serve a call, are in ``timm_san.ops_triton``, which imports this
-module only where Triton is installed.
+The launchers are in ``timm_san.kernels.triton.launch``; the package imports both only where Triton is installed.
 
 Conventions of every kernel:
     * maps are contiguous ``(B, C, H, W)``, footprint tensors ``(B, C, k * k, H * W)``, aggregation weights

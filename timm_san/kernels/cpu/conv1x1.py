@@ -1,4 +1,4 @@
-""" 1x1 convolutions of SAN as batched matrix products on CPU, forward and backward
+""" 1x1 convolutions on CPU as batched matrix products, forward and backward
 
 On CPU a 1x1 conv of an NCHW batch goes through oneDNN with layout reorders (2+ threads) or an im2col path (1
 thread). One batched matmul on the ``(B, C, H * W)`` view reads the map in place instead: on SAN's 112x112 and 56x56
@@ -9,9 +9,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import register_notrace_function
-
-from .fusable import needs_grad
 
 __all__ = ['conv1x1', 'conv1x1_split', 'conv1x1_backward', 'MATMUL_MIN_SPATIAL']
 
@@ -23,26 +20,28 @@ _CONCAT_MAX_WEIGHT_FRACTION = 1 / 8
 
 
 def _use_matmul(x: torch.Tensor) -> bool:
-    return x.device.type == 'cpu' and x.shape[-2] * x.shape[-1] >= MATMUL_MIN_SPATIAL
+    return x.shape[-2] * x.shape[-1] >= MATMUL_MIN_SPATIAL
 
 
-def _forward(
-        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-) -> torch.Tensor:
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``conv2d(x, weight, bias)`` for a 1x1 kernel, as one batched matmul on large maps.
+
+    Args:
+        x: Tensor of shape ``(B, C, H, W)``.
+        weight: Conv weight ``(O, C, 1, 1)``.
+        bias: Conv bias ``(O,)`` or None.
+
+    Returns:
+        Tensor of shape ``(B, O, H, W)``.
+    """
+    if not _use_matmul(x):
+        return F.conv2d(x, weight, bias)
     batch, planes, height, width = x.shape
     out_planes = weight.shape[0]
     # a broadcast (stride 0) weight: bmm reads each sample in place (matmul would fold the batch into a copy)
-    weight = weight.reshape(out_planes, planes).expand(batch, -1, -1)
-    x = x.reshape(batch, planes, height * width)
-    if residual is None:
-        out = torch.bmm(weight, x)
-        if bias is not None:
-            out.add_(bias.view(1, -1, 1))
-    else:
-        # the residual (and bias) are the matmul's accumulator: one pass less than conv, then add
-        residual = residual.reshape(batch, out_planes, height * width)
-        out = residual + bias.view(1, -1, 1) if bias is not None else residual.clone()
-        out.baddbmm_(weight, x)
+    out = torch.bmm(weight.reshape(out_planes, planes).expand(batch, -1, -1), x.reshape(batch, planes, -1))
+    if bias is not None:
+        out.add_(bias.view(1, -1, 1))
     return out.view(batch, out_planes, height, width)
 
 
@@ -60,6 +59,7 @@ def conv1x1_backward(
     Returns:
         ``(grad_x or None, grad_weight (O, C, 1, 1), grad_bias (O,))``.
     """
+    grad = grad.contiguous()
     if not _use_matmul(x):
         return tuple(torch.ops.aten.convolution_backward(
             grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [input_grad, True, True]))
@@ -78,51 +78,6 @@ def conv1x1_backward(
     return grad_x, grad_weight.view_as(weight), grad.sum((0, 2))
 
 
-class _Conv1x1Fn(torch.autograd.Function):
-    """``conv2d(x, weight, bias) + residual`` as matmuls forward and backward; saves ``x`` and ``weight``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _forward(x, weight, bias, residual)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = conv1x1_backward(grad.contiguous(), x, weight, ctx.needs_input_grad[0])
-        return grad_x, grad_weight, grad_bias if ctx.has_bias else None, grad if ctx.needs_input_grad[3] else None
-
-
-@register_notrace_function
-def conv1x1(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor] = None,
-        residual: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """``conv2d(x, weight, bias) + residual`` for a 1x1 kernel, differentiable.
-
-    Args:
-        x: Tensor of shape ``(B, C, H, W)``.
-        weight: Conv weight ``(O, C, 1, 1)``.
-        bias: Conv bias ``(O,)`` or None.
-        residual: Tensor of shape ``(B, O, H, W)`` added to the output, or None.
-
-    Returns:
-        Tensor of shape ``(B, O, H, W)``.
-    """
-    with_grad = needs_grad(x, weight, bias, residual)
-    # the weight gradient accumulates over samples in the tensors' dtype: float32 or float64 only
-    if not _use_matmul(x) or (with_grad and x.dtype not in (torch.float32, torch.float64)):
-        out = F.conv2d(x, weight, bias)
-        return out if residual is None else out.add_(residual)
-    if with_grad:
-        return _Conv1x1Fn.apply(x.contiguous(), weight, bias, residual)
-    return _forward(x, weight, bias, residual)
-
-
-@register_notrace_function
 def conv1x1_split(
         x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
 ) -> List[torch.Tensor]:

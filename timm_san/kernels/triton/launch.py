@@ -1,63 +1,29 @@
-""" Triton launchers of SAN's operators, and when ``timm_san.ops`` may use them
+""" Triton launchers of SAN's operators: one kernel per operator and direction
 
-One kernel per operator and direction (``timm_san.triton_kernels``) instead of the ``k * k`` shifted-view
-passes of the PyTorch operators, which on a GPU are ``k * k`` launches re-reading the accumulator each time.
-The arithmetic and its results are those of ``timm_san.ops`` (repeated reflection on small maps, weight channel
-``c % Cw``, output dtypes), with sums in float32 (float64 for float64 tensors), rounded once.
+One launch per operator instead of the ``k * k`` shifted-view passes of the reference, which on a GPU are
+``k * k`` launches re-reading the accumulator each time. The arithmetic and its results are those of
+``timm_san.kernels.reference`` (repeated reflection on small maps, weight channel ``c % Cw``, output dtypes),
+with sums in float32 (float64 for float64 tensors), rounded once.
 
-Triton is optional: without it this module imports, ``AVAILABLE`` is False and ``usable`` says no. The launchers
-themselves take any device: under Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is first imported)
-they run on CPU tensors, which is how the tests check the kernels without a GPU.
+The launchers take any device: under Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is first
+imported) they run on CPU tensors, which is how the tests check the kernels without a GPU. Which calls reach them
+is decided by ``timm_san.ops.dispatch.select_kernel``.
 """
-import collections
 import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
-try:
-    import triton
-    import triton.language as tl
+from . import kernels
 
-    from . import triton_kernels as kernels
-except ImportError:  # CPU-only installs: the PyTorch operators serve every call
-    triton = tl = kernels = None
+__all__ = ['footprint', 'subtraction2', 'aggregation', 'footprint_backward', 'offset_sum', 'aggregation_backward']
 
-__all__ = [
-    'AVAILABLE', 'ENABLED', 'CALLS', 'usable', 'footprint', 'subtraction2', 'aggregation', 'footprint_backward',
-    'offset_sum', 'aggregation_backward',
-]
-
-AVAILABLE = triton is not None
-# switch for tests and benchmarks; the environment variable TIMM_SAN_TRITON=0 turns the kernels off as well
-ENABLED = True
-# launches per operator, for tests that check the dispatch really happened
-CALLS = collections.Counter()
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # most positions per program; elements per program where a program also takes several rows or channel groups
 _BLOCK = 256
 _TILE = 1024
 _MAX_GROUP_BLOCK = 16
-
-
-def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernels may serve a call on these tensors.
-
-    Yes when Triton is importable, the switches allow it (``ENABLED``, ``TIMM_SAN_TRITON`` not ``0``), the call
-    is not being traced (``torch.compile``, whose Inductor fuses the PyTorch operators itself, or
-    ``torch.jit.trace``, which would not record a Triton launch), grad mode is off (as in an autograd Function's
-    forward, and in its backward unless ``create_graph`` asks to differentiate the backward, which only the
-    PyTorch operators can) and every tensor is a CUDA tensor of a floating dtype the kernels handle.
-    """
-    if not AVAILABLE or not ENABLED or torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if torch.is_grad_enabled():
-        return False
-    if os.environ.get('TIMM_SAN_TRITON', '1') == '0':
-        return False
-    return all(t.is_cuda and t.dtype in _DTYPES for t in tensors)
 
 
 def _acc(*tensors: torch.Tensor) -> torch.dtype:
@@ -108,7 +74,6 @@ def footprint(x: torch.Tensor, kernel_size: int, x1: Optional[torch.Tensor] = No
         Tensor ``(B, C, k * k, H * W)`` of ``x``'s dtype (promoted with ``x1``'s).
     """
     relation = x1 is not None
-    CALLS['subtraction2' if relation else 'footprint'] += 1
     batch, channels, height, width = x.shape
     x = x.contiguous()
     x1 = x1.contiguous() if relation else x
@@ -138,7 +103,6 @@ def aggregation(x: torch.Tensor, weight: torch.Tensor, kernel_size: int) -> torc
         weight: Weights ``(B, Cw, k * k, H * W)``, ``C % Cw == 0``; may have another dtype than ``x``.
         kernel_size: Footprint side ``k`` (odd).
     """
-    CALLS['aggregation'] += 1
     batch, channels, height, width = x.shape
     weight_channels = weight.shape[1]
     x, weight = x.contiguous(), weight.contiguous()
@@ -191,7 +155,6 @@ def footprint_backward(
     Returns:
         Tensor ``(B, C, H, W)``.
     """
-    CALLS['footprint_backward'] += 1
     batch, channels = grad.shape[0], grad.shape[1]
     pad = kernel_size // 2
     grad = grad.contiguous()
@@ -208,7 +171,6 @@ def footprint_backward(
 
 def offset_sum(grad: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """``grad.sum(2)`` of a ``(B, C, k * k, H * W)`` gradient as a ``(B, C, H, W)`` map of ``dtype``."""
-    CALLS['offset_sum'] += 1
     batch, channels, num_offsets = grad.shape[0], grad.shape[1], grad.shape[2]
     grad = grad.contiguous()
     out = grad.new_empty((batch, channels, height, width), dtype=dtype)
@@ -243,7 +205,6 @@ def aggregation_backward(
     Returns:
         ``(grad_x, grad_weight)``, None where not asked for.
     """
-    CALLS['aggregation_backward'] += 1
     batch, channels, height, width = x.shape
     weight_channels = weight.shape[1]
     groups = channels // weight_channels

@@ -1,0 +1,51 @@
+""" Helpers shared by SAN's kernels: BatchNorm as an affine map, and how much of a relation one chunk holds """
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ['bn_scale_shift', 'offset_chunks', 'CHUNK_ELEMENTS']
+
+# elements of one chunk's relation buffer: small enough to stay in a core's L2 cache
+CHUNK_ELEMENTS = 1 << 18
+
+
+def bn_scale_shift(
+        weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` with ``batch_norm(x) == x * scale + shift`` per channel.
+
+    Args:
+        weight: The norm's weight, or None (not affine).
+        bias: The norm's bias, or None.
+        mean: The mean it subtracts (running or batch statistics).
+        invstd: ``1 / sqrt(var + eps)`` of the variance it divides by.
+    """
+    scale = invstd if weight is None else invstd * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def offset_chunks(
+        batch: int, planes: int, kernel_size: int, spatial: int, chunk_elements: int = CHUNK_ELEMENTS,
+) -> Tuple[int, int]:
+    """How many samples and footprint rows one chunk of a ``(B, planes, k, k, H * W)`` relation holds.
+
+    Args:
+        batch: Batch size ``B``.
+        planes: Relation channels.
+        kernel_size: Footprint side ``k``.
+        spatial: ``H * W``.
+        chunk_elements: Elements one chunk may hold.
+
+    Returns:
+        ``(samples, rows)``: whole footprint rows per chunk, and more than one sample only once a chunk
+        holds every row.
+    """
+    row = max(1, planes * kernel_size * spatial)
+    rows = max(1, min(kernel_size, chunk_elements // row))
+    samples = 1
+    if rows == kernel_size:
+        samples = max(1, min(batch, chunk_elements // (row * kernel_size)))
+    return samples, rows

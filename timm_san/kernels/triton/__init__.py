@@ -1,0 +1,12 @@
+""" Triton backend of SAN's operators (CUDA; CPU tensors under Triton's interpreter)
+
+Optional: without Triton this package imports, ``AVAILABLE`` is False and the dispatch never picks it.
+"""
+try:
+    from .launch import aggregation, aggregation_backward, footprint, footprint_backward, offset_sum, subtraction2
+    AVAILABLE = True
+except ImportError:  # CPU-only installs: the reference serves every call
+    AVAILABLE = False
+
+__all__ = ['AVAILABLE', 'footprint', 'subtraction2', 'aggregation', 'footprint_backward', 'offset_sum',
+           'aggregation_backward']
