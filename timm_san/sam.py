@@ -10,6 +10,7 @@ from typing import List, Optional, Type
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function
 
 from .kernels.reference import check_kernel_size
 from .ops import pairwise_attention, patchwise_attention, position_grid
@@ -19,19 +20,25 @@ __all__ = ['SelfAttention', 'SA_TYPES']
 SA_TYPES = ('pairwise', 'patchwise')
 
 
-def fold_batch_stats(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
+@register_notrace_function  # FX records the call: tracing must not write into the real buffers
+def fold_batch_stats(
+        running_mean: Optional[torch.Tensor],
+        running_var: Optional[torch.Tensor],
+        num_batches_tracked: Optional[torch.Tensor],
+        momentum: Optional[float],
+        mean: torch.Tensor,
+        var: torch.Tensor,
+) -> None:
     """What a BatchNorm's training forward does to its running statistics, given the batch's mean and unbiased
-    variance (nothing where it tracks none)."""
-    running_mean, running_var, tracked = norm.running_mean, norm.running_var, norm.num_batches_tracked
-    if not norm.training or running_mean is None or running_var is None:
+    variance (nothing where it tracks none; momentum None: the cumulative average)."""
+    if running_mean is None or running_var is None:
         return
     mean, var = mean.detach().to(running_mean.dtype), var.detach().to(running_var.dtype)
-    if tracked is not None:
-        tracked.add_(1)
-    momentum = norm.momentum
-    if momentum is None:  # cumulative moving average
-        assert tracked is not None
-        factor = 1.0 / tracked
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        assert num_batches_tracked is not None
+        factor = 1.0 / num_batches_tracked
         running_mean.mul_(1 - factor).add_(mean * factor)
         running_var.mul_(1 - factor).add_(var * factor)
     else:
@@ -112,12 +119,16 @@ class SelfAttention(nn.Module):
             self.conv_p = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bn1, map1, bn2, map2 = self.conv_w[0], self.conv_w[2], self.conv_w[3], self.conv_w[5]
+        # one by one: TorchScript loses a module's constants (eps) through tuple assignment
+        bn1 = self.conv_w[0]
+        map1 = self.conv_w[2]
+        bn2 = self.conv_w[3]
+        map2 = self.conv_w[5]
         params: List[Optional[torch.Tensor]] = [
             self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias, self.conv3.weight,
             self.conv3.bias, bn1.weight, bn1.bias, map1.weight, map1.bias, bn2.weight, bn2.bias, map2.weight,
             map2.bias]
-        running: List[Optional[torch.Tensor]] = [bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var]
+        running = (bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var)
         # as nn.BatchNorm2d decides it; a norm without momentum (timm's FrozenBatchNorm2d) keeps its statistics
         batch_stats1 = (self.training and hasattr(bn1, 'momentum')) or bn1.running_mean is None
         batch_stats2 = (self.training and hasattr(bn2, 'momentum')) or bn2.running_mean is None
@@ -128,11 +139,17 @@ class SelfAttention(nn.Module):
         else:
             out, stats = patchwise_attention(
                 x, params, running, self.kernel_size, bn1.eps, bn2.eps, batch_stats1, batch_stats2)
+        # the statistics of the norms on batch statistics, [mean1, var1] and [mean2, var2], as their own forward
+        # would fold them into their running statistics
         if batch_stats1:
-            planes = bn1.num_features
-            fold_batch_stats(bn1, stats[:planes], stats[planes:2 * planes])
+            planes = map1.weight.shape[1]
+            fold_batch_stats(
+                bn1.running_mean, bn1.running_var, bn1.num_batches_tracked, bn1.momentum, stats[:planes],
+                stats[planes:2 * planes])
             stats = stats[2 * planes:]
         if batch_stats2:
-            planes = bn2.num_features
-            fold_batch_stats(bn2, stats[:planes], stats[planes:2 * planes])
+            planes = map1.weight.shape[0]
+            fold_batch_stats(
+                bn2.running_mean, bn2.running_var, bn2.num_batches_tracked, bn2.momentum, stats[:planes],
+                stats[planes:2 * planes])
         return out

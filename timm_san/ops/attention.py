@@ -40,12 +40,13 @@ ATTENTION_PARAMS = (
 _CONVS = 6
 
 OptionalTensors = List[Optional[torch.Tensor]]
+RunningStats = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 # the operators take lists of tensors, an empty tensor standing for an absent one (a list with None in it would not
 # be differentiable through a custom op)
 Tensors = List[torch.Tensor]
 
 
-def _with_absent(tensors: OptionalTensors, like: torch.Tensor) -> Tensors:
+def _with_absent(tensors: List[Optional[torch.Tensor]], like: torch.Tensor) -> Tensors:
     """None entries as empty tensors, as the operators take them."""
     out: List[torch.Tensor] = []
     for t in tensors:
@@ -54,6 +55,10 @@ def _with_absent(tensors: OptionalTensors, like: torch.Tensor) -> Tensors:
         else:
             out.append(t)
     return out
+
+
+def _running_with_absent(running: RunningStats, like: torch.Tensor) -> Tensors:
+    return _with_absent([running[0], running[1], running[2], running[3]], like)
 
 
 def _absent(tensors: Sequence[torch.Tensor]) -> OptionalTensors:
@@ -413,7 +418,7 @@ _patchwise_attention.register_autograd(_patchwise_grad, setup_context=_patchwise
 
 # --- the public functions
 
-def _check_arguments(params: OptionalTensors, running: OptionalTensors, kernel_size: int) -> None:
+def _check_arguments(params: OptionalTensors, running: RunningStats, kernel_size: int) -> None:
     reference.check_kernel_size(kernel_size)
     if len(params) != len(ATTENTION_PARAMS) or len(running) != 4:
         raise ValueError(
@@ -421,20 +426,21 @@ def _check_arguments(params: OptionalTensors, running: OptionalTensors, kernel_s
             f'statistics, got {len(params)} and {len(running)}.')
 
 
-def _in_dtype(x: torch.Tensor, tensors: OptionalTensors) -> OptionalTensors:
+def _in_dtype(x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]]) -> OptionalTensors:
     """Under autocast the parameters stay float32 while ``x`` may be float16 / bfloat16: compute in ``x``'s dtype."""
     return [None if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in tensors]
 
 
 def _autocast(x: torch.Tensor) -> bool:
-    return x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
+    device = x.device.type
+    return x.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 @register_notrace_function
 def pairwise_attention(
         x: torch.Tensor,
         params: List[Optional[torch.Tensor]],
-        running: List[Optional[torch.Tensor]],
+        running: RunningStats,
         position: torch.Tensor,
         kernel_size: int,
         eps1: float,
@@ -467,7 +473,7 @@ def pairwise_attention(
         if _autocast(x):
             params, running, position = _in_dtype(x, params), _in_dtype(x, running), position.to(x.dtype)
     out, stats, _ = torch.ops.timm_san.pairwise_attention(
-        x, _with_absent(params, x), _with_absent(running, x), position, kernel_size, eps1, eps2, batch_stats1,
+        x, _with_absent(params, x), _running_with_absent(running, x), position, kernel_size, eps1, eps2, batch_stats1,
         batch_stats2)
     return out, stats
 
@@ -476,7 +482,7 @@ def pairwise_attention(
 def patchwise_attention(
         x: torch.Tensor,
         params: List[Optional[torch.Tensor]],
-        running: List[Optional[torch.Tensor]],
+        running: RunningStats,
         kernel_size: int,
         eps1: float,
         eps2: float,
@@ -506,5 +512,5 @@ def patchwise_attention(
         if _autocast(x):
             params, running = _in_dtype(x, params), _in_dtype(x, running)
     out, stats, _, _ = torch.ops.timm_san.patchwise_attention(
-        x, _with_absent(params, x), _with_absent(running, x), kernel_size, eps1, eps2, batch_stats1, batch_stats2)
+        x, _with_absent(params, x), _running_with_absent(running, x), kernel_size, eps1, eps2, batch_stats1, batch_stats2)
     return out, stats
