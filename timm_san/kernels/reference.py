@@ -44,7 +44,8 @@ def reflect_index(size: int, pad: int, device: torch.device) -> torch.Tensor:
     pos = torch.arange(-pad, size + pad, device=device)
     if size == 1:
         return torch.zeros_like(pos)
-    period = 2 * (size - 1)
+    # the period as a tensor: a traced graph (ONNX) keeps it symbolic
+    period = pos.new_full((), 2 * (size - 1))
     pos = torch.remainder(pos, period)
     return torch.where(pos < size, pos, period - pos)
 
@@ -62,8 +63,9 @@ def reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
     if pad == 0:
         return x
     height, width = x.shape[-2], x.shape[-1]
-    if pad < height and pad < width:
-        # single reflection: the case the official kernels define, and the fast path
+    # single reflection: the case the official kernels define, and the fast path; a graph being captured takes
+    # the index path, which holds for every size (the branch would tie the graph to one side of it)
+    if pad < height and pad < width and not torch.compiler.is_compiling():
         return F.pad(x, (pad, pad, pad, pad), mode='reflect')
     x = x.index_select(-2, reflect_index(height, pad, x.device))
     return x.index_select(-1, reflect_index(width, pad, x.device))
@@ -144,11 +146,9 @@ def footprint(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
         ``x[:, c, h + kh - k // 2, w + kw - k // 2]`` with reflection at the borders.
     """
     batch, channels, height, width = x.shape
-    padded = reflect_pad(x, kernel_size // 2)
-    # k * k shifted slices (not Tensor.unfold, which ONNX export needs static sizes for)
-    windows = [
-        padded[:, :, kh:kh + height, kw:kw + width] for kh in range(kernel_size) for kw in range(kernel_size)]
-    return torch.stack(windows, dim=2).reshape(batch, channels, kernel_size * kernel_size, height * width)
+    # im2col of the padded map: one operator, which graph exporters (ONNX) know, at any size
+    columns = F.unfold(reflect_pad(x, kernel_size // 2), kernel_size)
+    return columns.view(batch, channels, kernel_size * kernel_size, height * width)
 
 
 def subtraction2(x1: torch.Tensor, x2: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -175,17 +175,10 @@ def aggregation(x: torch.Tensor, weight: torch.Tensor, kernel_size: int) -> torc
     """
     batch, channels, height, width = x.shape
     weight_channels = weight.shape[1]
-    groups = channels // weight_channels
     # channel c = g * Cw + s uses weight channel s: a reshape, no index copy
-    padded = reflect_pad(x, kernel_size // 2).reshape(
-        batch, groups, weight_channels, height + kernel_size - 1, width + kernel_size - 1)
-    weight = weight.reshape(batch, 1, weight_channels, kernel_size * kernel_size, height, width)
-    out = x.new_zeros((batch, groups, weight_channels, height, width))
-    for kh in range(kernel_size):
-        for kw in range(kernel_size):
-            window = padded[..., kh:kh + height, kw:kw + width]
-            out = torch.addcmul(out, window, weight[:, :, :, kh * kernel_size + kw])
-    return out.reshape(batch, channels, height, width)
+    neighbours = footprint(x, kernel_size).view(batch, channels // weight_channels, weight_channels, -1, height * width)
+    out = (neighbours * weight.unsqueeze(1)).sum(3)
+    return out.view(batch, channels, height, width)
 
 
 def aggregation_weight_grad(
@@ -231,6 +224,13 @@ def position_grid(x: torch.Tensor) -> torch.Tensor:
         channel 1 is ``linspace(-1, 1, H)`` along the height.
     """
     height, width = x.shape[-2], x.shape[-1]
-    loc_w = torch.linspace(-1.0, 1.0, width, dtype=x.dtype, device=x.device).view(1, width).expand(height, width)
-    loc_h = torch.linspace(-1.0, 1.0, height, dtype=x.dtype, device=x.device).view(height, 1).expand(height, width)
+    loc_w = _unit_steps(width, x).view(1, width).expand(height, width)
+    loc_h = _unit_steps(height, x).view(height, 1).expand(height, width)
     return torch.stack([loc_w, loc_h], dim=0).unsqueeze(0)
+
+
+def _unit_steps(size: int, like: torch.Tensor) -> torch.Tensor:
+    """``linspace(-1, 1, size)`` as ``(2 i - (size - 1)) / (size - 1)``: graph capture keeps ``size`` symbolic
+    (``linspace`` fixes its number of steps); a side of one gives -1, as ``linspace`` does."""
+    steps = torch.arange(size, dtype=like.dtype, device=like.device)
+    return (2 * steps - (size - 1)) / max(size - 1, 1)
