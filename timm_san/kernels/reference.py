@@ -176,7 +176,8 @@ def aggregation(x: torch.Tensor, weight: torch.Tensor, kernel_size: int) -> torc
     batch, channels, height, width = x.shape
     weight_channels = weight.shape[1]
     # channel c = g * Cw + s uses weight channel s: a reshape, no index copy
-    neighbours = footprint(x, kernel_size).view(batch, channels // weight_channels, weight_channels, -1, height * width)
+    neighbours = footprint(x, kernel_size).view(
+        batch, channels // weight_channels, weight_channels, kernel_size * kernel_size, height * width)
     out = (neighbours * weight.unsqueeze(1)).sum(3)
     return out.view(batch, channels, height, width)
 

@@ -86,9 +86,19 @@ def _project(x: torch.Tensor, convs: Sequence[Optional[torch.Tensor]]) -> List[t
     return [F.conv2d(x, convs[i], convs[i + 1]) for i in (0, 2, 4)]
 
 
-def _batch_moments(x: torch.Tensor) -> List[torch.Tensor]:
-    """Per-channel mean and unbiased variance over all but dim 1, as BatchNorm folds them into running stats."""
+def _batch_moments(
+        x: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+) -> List[torch.Tensor]:
+    """Per-channel mean and unbiased variance over all but dim 1, as BatchNorm folds them into running stats.
+
+    An empty batch has none: the running statistics themselves come back (folding them changes nothing, as
+    BatchNorm leaves them on an empty batch).
+    """
     with torch.no_grad():
+        if x.numel() == 0:
+            planes = x.shape[1]
+            return [x.new_zeros(planes) if running_mean is None else running_mean.to(x.dtype),
+                    x.new_ones(planes) if running_var is None else running_var.to(x.dtype)]
         var, mean = torch.var_mean(x.detach(), dim=[0] + list(range(2, x.dim())), correction=1)
     return [mean, var]
 
@@ -101,13 +111,13 @@ def _mapping(
     bn1_weight, bn1_bias, map1_weight, map1_bias, bn2_weight, bn2_bias, map2_weight, map2_bias = mapping
     stats: List[torch.Tensor] = []
     if want_stats and batch_stats1:
-        stats += _batch_moments(relation)
+        stats += _batch_moments(relation, running[0], running[1])
     hidden = F.batch_norm(
         relation, None if batch_stats1 else running[0], None if batch_stats1 else running[1],
         bn1_weight, bn1_bias, batch_stats1, 0.0, eps1)
     hidden = F.conv2d(F.relu(hidden), map1_weight, map1_bias)
     if want_stats and batch_stats2:
-        stats += _batch_moments(hidden)
+        stats += _batch_moments(hidden, running[2], running[3])
     hidden = F.batch_norm(
         hidden, None if batch_stats2 else running[2], None if batch_stats2 else running[3],
         bn2_weight, bn2_bias, batch_stats2, 0.0, eps2)
@@ -131,9 +141,10 @@ def _patchwise_weights(
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     batch, offsets, spatial = foot.shape[0], foot.shape[2], foot.shape[3]
     # channel-major (c * k * k + offset) footprint after the centre, as the official unfold lays it out
-    relation = torch.cat([x1.reshape(batch, -1, 1, spatial), foot.reshape(batch, -1, 1, spatial)], dim=1)
+    relation = torch.cat([
+        x1.reshape(batch, x1.shape[1], 1, spatial), foot.reshape(batch, foot.shape[1] * offsets, 1, spatial)], dim=1)
     logits, stats = _mapping(relation, mapping, running, eps1, eps2, batch_stats1, batch_stats2, want_stats)
-    return logits.reshape(batch, -1, offsets, spatial), stats
+    return logits.reshape(batch, logits.shape[1] // offsets, offsets, spatial), stats
 
 
 def _stats(stats: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -104,11 +104,14 @@ def select_kernel(op: str, x: torch.Tensor, training: bool = False, backends: It
         backends: The backends that implement ``op``.
 
     Returns:
-        The first backend of ``backends`` that is enabled and applies to ``x``, else ``'reference'``.
+        The first backend of ``backends`` that is enabled and applies to ``x``, else ``'reference'`` (also for
+        an empty batch, which the reference returns as PyTorch's own layers do).
     """
     kernel = 'reference'
     device = x.device.type
-    if 'triton' in backends and 'triton' in _enabled and device == 'cuda' and x.dtype in _TRITON_DTYPES \
+    if x.numel() == 0:
+        pass
+    elif 'triton' in backends and 'triton' in _enabled and device == 'cuda' and x.dtype in _TRITON_DTYPES \
             and _triton_available():
         kernel = 'triton'
     elif 'cpu' in backends and 'cpu' in _enabled and device == 'cpu' and x.is_floating_point() \

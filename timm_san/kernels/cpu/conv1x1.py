@@ -39,7 +39,7 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     batch, planes, height, width = x.shape
     out_planes = weight.shape[0]
     # a broadcast (stride 0) weight: bmm reads each sample in place (matmul would fold the batch into a copy)
-    out = torch.bmm(weight.reshape(out_planes, planes).expand(batch, -1, -1), x.reshape(batch, planes, -1))
+    out = torch.bmm(weight.reshape(out_planes, planes).expand(batch, -1, -1), x.reshape(batch, planes, height * width))
     if bias is not None:
         out.add_(bias.view(1, -1, 1))
     return out.view(batch, out_planes, height, width)
