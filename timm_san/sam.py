@@ -130,8 +130,8 @@ class SelfAttention(nn.Module):
             map2.bias]
         running = (bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var)
         # as nn.BatchNorm2d decides it; a norm without momentum (timm's FrozenBatchNorm2d) keeps its statistics
-        batch_stats1 = (self.training and hasattr(bn1, 'momentum')) or bn1.running_mean is None
-        batch_stats2 = (self.training and hasattr(bn2, 'momentum')) or bn2.running_mean is None
+        batch_stats1 = (bn1.training and hasattr(bn1, 'momentum')) or bn1.running_mean is None
+        batch_stats2 = (bn2.training and hasattr(bn2, 'momentum')) or bn2.running_mean is None
         if self.conv_p is not None:
             position = self.conv_p(position_grid(x))
             out, stats = pairwise_attention(

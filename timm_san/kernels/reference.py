@@ -231,7 +231,7 @@ def position_grid(x: torch.Tensor) -> torch.Tensor:
 
 
 def _unit_steps(size: int, like: torch.Tensor) -> torch.Tensor:
-    """``linspace(-1, 1, size)`` as ``(2 i - (size - 1)) / (size - 1)``: graph capture keeps ``size`` symbolic
-    (``linspace`` fixes its number of steps); a side of one gives -1, as ``linspace`` does."""
+    """``linspace(-1, 1, size)`` as ``-1 + 2 i / max(size - 1, 1)`` in tensor operations: graph capture keeps
+    ``size`` symbolic (``linspace`` fixes its number of steps); a side of one gives -1, as ``linspace`` does."""
     steps = torch.arange(size, dtype=like.dtype, device=like.device)
-    return (2 * steps - (size - 1)) / max(size - 1, 1)
+    return steps * 2 / steps[-1:].clamp(min=1) - 1

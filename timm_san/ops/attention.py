@@ -17,6 +17,7 @@ Kernels (chosen by ``timm_san.ops.dispatch.select_kernel``):
 Parameters come as one list, ``ATTENTION_PARAMS`` in order (None where a module has no bias), running statistics
 as ``[bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var]`` (None where not tracked).
 """
+import functools
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -110,18 +111,18 @@ def _mapping(
     """``conv(relu(bn2(conv(relu(bn1(relation))))))`` and the batch statistics of the norms that take them."""
     bn1_weight, bn1_bias, map1_weight, map1_bias, bn2_weight, bn2_bias, map2_weight, map2_bias = mapping
     stats: List[torch.Tensor] = []
-    if want_stats and batch_stats1:
-        stats += _batch_moments(relation, running[0], running[1])
-    hidden = F.batch_norm(
+    normed = F.batch_norm(
         relation, None if batch_stats1 else running[0], None if batch_stats1 else running[1],
         bn1_weight, bn1_bias, batch_stats1, 0.0, eps1)
-    hidden = F.conv2d(F.relu(hidden), map1_weight, map1_bias)
-    if want_stats and batch_stats2:
-        stats += _batch_moments(hidden, running[2], running[3])
-    hidden = F.batch_norm(
+    if want_stats and batch_stats1:
+        stats += _batch_moments(relation, running[0], running[1])
+    hidden = F.conv2d(F.relu(normed), map1_weight, map1_bias)
+    normed = F.batch_norm(
         hidden, None if batch_stats2 else running[2], None if batch_stats2 else running[3],
         bn2_weight, bn2_bias, batch_stats2, 0.0, eps2)
-    return F.conv2d(F.relu(hidden), map2_weight, map2_bias), stats
+    if want_stats and batch_stats2:
+        stats += _batch_moments(hidden, running[2], running[3])
+    return F.conv2d(F.relu(normed), map2_weight, map2_bias), stats
 
 
 def _pairwise_weights(
@@ -251,6 +252,20 @@ def _patchwise_reference_backward(
 
 # --- the operators
 
+def _outside_autocast(kernel: Callable) -> Callable:
+    """Run an operator's kernel with autocast off: its inputs already share one dtype (the public functions cast
+    the parameters to that of the maps), and the convs and norms inside must keep it."""
+    @functools.wraps(kernel)
+    def run(*args):
+        device = args[0].device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return kernel(*args)
+        return kernel(*args)
+
+    return run
+
+
 def _kernel(op: str, x: torch.Tensor, batch_stats1: bool, batch_stats2: bool) -> str:
     # the CPU kernels fold both norms one way: both with running statistics (eval) or both with batch ones
     backends = ('cpu',) if batch_stats1 == batch_stats2 else ()
@@ -280,6 +295,7 @@ def _owned_grads(like: torch.Tensor, grads: Sequence[Optional[torch.Tensor]]) ->
 
 
 @custom_op('timm_san::pairwise_attention', mutates_args=())
+@_outside_autocast
 def _pairwise_attention(
         x: torch.Tensor, params: Tensors, running: Tensors, position: torch.Tensor,
         kernel_size: int, eps1: float, eps2: float, batch_stats1: bool, batch_stats2: bool,
@@ -308,6 +324,7 @@ def _(x, params, running, position, kernel_size, eps1, eps2, batch_stats1, batch
 
 
 @custom_op('timm_san::pairwise_attention_backward', mutates_args=())
+@_outside_autocast
 def _pairwise_attention_backward(
         grad_out: torch.Tensor, x: torch.Tensor, params: Tensors, running: Tensors,
         position: torch.Tensor, saved: torch.Tensor, kernel_size: int, eps1: float, eps2: float,
@@ -357,6 +374,7 @@ _pairwise_attention.register_autograd(_pairwise_grad, setup_context=_pairwise_se
 
 
 @custom_op('timm_san::patchwise_attention', mutates_args=())
+@_outside_autocast
 def _patchwise_attention(
         x: torch.Tensor, params: Tensors, running: Tensors, kernel_size: int, eps1: float,
         eps2: float, batch_stats1: bool, batch_stats2: bool,
@@ -386,6 +404,7 @@ def _(x, params, running, kernel_size, eps1, eps2, batch_stats1, batch_stats2):
 
 
 @custom_op('timm_san::patchwise_attention_backward', mutates_args=())
+@_outside_autocast
 def _patchwise_attention_backward(
         grad_out: torch.Tensor, x: torch.Tensor, params: Tensors, running: Tensors,
         saved: torch.Tensor, hidden: torch.Tensor, kernel_size: int, eps1: float, eps2: float, batch_stats1: bool,
@@ -439,7 +458,7 @@ def _check_arguments(params: OptionalTensors, running: RunningStats, kernel_size
 
 def _in_dtype(x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]]) -> OptionalTensors:
     """Under autocast the parameters stay float32 while ``x`` may be float16 / bfloat16: compute in ``x``'s dtype."""
-    return [None if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in tensors]
+    return [t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in tensors]
 
 
 def _autocast(x: torch.Tensor) -> bool:
