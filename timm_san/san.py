@@ -27,7 +27,9 @@ from timm.models._features import feature_take_indices
 from .checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
 from .hub_errors import explain_pretrained_errors
 from .hub_ids import hf_hub_id
-from .sam import SA_TYPES, SelfAttention
+from .layers import Conv1x1, MaxPool2x2
+from .ops import stem
+from .sam import SA_TYPES, SelfAttention, fold_batch_stats
 
 __all__ = ['SAN', 'SanBottleneck']
 
@@ -79,7 +81,7 @@ class SanBottleneck(nn.Module):
         self.sam = SelfAttention(
             sa_type, planes, planes // 16, mid_planes, share_planes, kernel_size, norm_layer=norm_layer, **dd)
         self.bn2 = norm_layer(mid_planes, **dd)
-        self.conv = nn.Conv2d(mid_planes, planes, kernel_size=1, **dd)
+        self.conv = Conv1x1(mid_planes, planes, **dd)
         self.act = act_layer(inplace=True)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
@@ -110,7 +112,8 @@ class SAN(nn.Module):
 
     Module names are those of the official release (``conv_in``, ``bn_in``, ``convN``, ``layerN``, ``bnN``,
     ``fc``); the parameter-free pools and activations are registered per stage in execution order so that
-    timm's feature wrappers can walk the model.
+    timm's feature wrappers can walk the model. ``forward`` computes ``pool0(act_in(bn_in(conv_in(x))))`` as one
+    operator (``timm_san.ops.stem``), with those modules' tensors.
     """
 
     def __init__(
@@ -139,7 +142,7 @@ class SAN(nn.Module):
             global_pool: Global pooling type ('avg', 'max', 'avgmax', 'catavgmax', '' for none).
             share_planes: Channels sharing one attention weight channel.
             norm_layer: Normalization layer.
-            act_layer: Activation layer.
+            act_layer: Activation layer of the blocks and stages (the stem's is ReLU, as in the official release).
             drop_rate: Dropout rate before the classifier.
             drop_path_rate: Stochastic depth rate, increasing linearly over the blocks up to this value.
             device: Device of the parameters.
@@ -158,7 +161,7 @@ class SAN(nn.Module):
 
         self.conv_in = nn.Conv2d(in_chans, STAGE_WIDTHS[0], kernel_size=1, bias=False, **dd)
         self.bn_in = norm_layer(STAGE_WIDTHS[0], **dd)
-        self.act_in = act_layer(inplace=True)
+        self.act_in = nn.ReLU(inplace=True)
 
         dpr = calculate_drop_path_rates(drop_path_rate, list(layers), stagewise=True)
         self.feature_info: List[Dict[str, Any]] = []
@@ -169,8 +172,8 @@ class SAN(nn.Module):
                     sa_type, width, kernel_size, share_planes,
                     norm_layer=norm_layer, act_layer=act_layer, drop_path=dpr[i][j], **dd)
                 for j in range(depth)]
-            self.add_module(f'pool{i}', nn.MaxPool2d(kernel_size=2, stride=2))
-            self.add_module(f'conv{i}', nn.Conv2d(prev_width, width, kernel_size=1, bias=False, **dd))
+            self.add_module(f'pool{i}', MaxPool2x2())
+            self.add_module(f'conv{i}', Conv1x1(prev_width, width, bias=False, **dd))
             self.add_module(f'layer{i}', SanLayer(*blocks))
             self.add_module(f'bn{i}', norm_layer(width, **dd))
             self.add_module(f'act{i}', act_layer(inplace=True))
@@ -307,22 +310,36 @@ class SAN(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _stem_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``pool0(act_in(bn_in(conv_in(x))))`` as one operator (the full-resolution map is never written whole)."""
+        bn = self.bn_in
+        # as nn.BatchNorm2d decides it; a norm without momentum (timm's FrozenBatchNorm2d) keeps its statistics
+        batch_stats = (bn.training and hasattr(bn, 'momentum')) or bn.running_mean is None
+        x, stats = stem(
+            x, self.conv_in.weight, self.conv_in.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
+            batch_stats)
+        if batch_stats:
+            planes = self.conv_in.weight.shape[0]
+            fold_batch_stats(
+                bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, stats[:planes], stats[planes:])
+        return x
+
     def _forward_stages(
             self, x: torch.Tensor, last: int, take_indices: List[int]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Stem and stages ``0..last``, and the outputs of the stages in ``take_indices``."""
-        x = self.act_in(self.bn_in(self.conv_in(x)))
+        x = self._stem_pool(x)
         intermediates: List[torch.Tensor] = []
         for i in range(last + 1):
             pool, conv, layer, bn, act = [getattr(self, name) for name in self._stage_names(i)]
-            x = act(bn(layer(conv(pool(x)))))
+            x = act(bn(layer(conv(x if i == 0 else pool(x)))))
             if i in take_indices:
                 intermediates.append(x)
         return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x)
-        x = self.act_in(self.bn_in(self.conv_in(x)))
-        x = self.act0(self.bn0(self.layer0(self.conv0(self.pool0(x)))))
+        x = self._stem_pool(x)
+        x = self.act0(self.bn0(self.layer0(self.conv0(x))))
         x = self.act1(self.bn1(self.layer1(self.conv1(self.pool1(x)))))
         x = self.act2(self.bn2(self.layer2(self.conv2(self.pool2(x)))))
         x = self.act3(self.bn3(self.layer3(self.conv3(self.pool3(x)))))

@@ -17,7 +17,6 @@ Kernels (chosen by ``timm_san.ops.dispatch.select_kernel``):
 Parameters come as one list, ``ATTENTION_PARAMS`` in order (None where a module has no bias), running statistics
 as ``[bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var]`` (None where not tracked).
 """
-import functools
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -29,7 +28,7 @@ from ..kernels import reference
 from ..kernels.cpu import attention_eval, attention_train
 from ..kernels.cpu.conv1x1 import conv1x1_split
 from . import primitives
-from .dispatch import inline_reference, select_kernel
+from .dispatch import autocast_enabled, inline_reference, outside_autocast, select_kernel
 
 __all__ = ['pairwise_attention', 'patchwise_attention', 'ATTENTION_PARAMS']
 
@@ -252,20 +251,6 @@ def _patchwise_reference_backward(
 
 # --- the operators
 
-def _outside_autocast(kernel: Callable) -> Callable:
-    """Run an operator's kernel with autocast off: its inputs already share one dtype (the public functions cast
-    the parameters to that of the maps), and the convs and norms inside must keep it."""
-    @functools.wraps(kernel)
-    def run(*args):
-        device = args[0].device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return kernel(*args)
-        return kernel(*args)
-
-    return run
-
-
 def _kernel(op: str, x: torch.Tensor, batch_stats1: bool, batch_stats2: bool) -> str:
     # the CPU kernels fold both norms one way: both with running statistics (eval) or both with batch ones
     backends = ('cpu',) if batch_stats1 == batch_stats2 else ()
@@ -295,7 +280,7 @@ def _owned_grads(like: torch.Tensor, grads: Sequence[Optional[torch.Tensor]]) ->
 
 
 @custom_op('timm_san::pairwise_attention', mutates_args=())
-@_outside_autocast
+@outside_autocast
 def _pairwise_attention(
         x: torch.Tensor, params: Tensors, running: Tensors, position: torch.Tensor,
         kernel_size: int, eps1: float, eps2: float, batch_stats1: bool, batch_stats2: bool,
@@ -324,7 +309,7 @@ def _(x, params, running, position, kernel_size, eps1, eps2, batch_stats1, batch
 
 
 @custom_op('timm_san::pairwise_attention_backward', mutates_args=())
-@_outside_autocast
+@outside_autocast
 def _pairwise_attention_backward(
         grad_out: torch.Tensor, x: torch.Tensor, params: Tensors, running: Tensors,
         position: torch.Tensor, saved: torch.Tensor, kernel_size: int, eps1: float, eps2: float,
@@ -374,7 +359,7 @@ _pairwise_attention.register_autograd(_pairwise_grad, setup_context=_pairwise_se
 
 
 @custom_op('timm_san::patchwise_attention', mutates_args=())
-@_outside_autocast
+@outside_autocast
 def _patchwise_attention(
         x: torch.Tensor, params: Tensors, running: Tensors, kernel_size: int, eps1: float,
         eps2: float, batch_stats1: bool, batch_stats2: bool,
@@ -404,7 +389,7 @@ def _(x, params, running, kernel_size, eps1, eps2, batch_stats1, batch_stats2):
 
 
 @custom_op('timm_san::patchwise_attention_backward', mutates_args=())
-@_outside_autocast
+@outside_autocast
 def _patchwise_attention_backward(
         grad_out: torch.Tensor, x: torch.Tensor, params: Tensors, running: Tensors,
         saved: torch.Tensor, hidden: torch.Tensor, kernel_size: int, eps1: float, eps2: float, batch_stats1: bool,
@@ -461,11 +446,6 @@ def _in_dtype(x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]]) -> Opt
     return [t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in tensors]
 
 
-def _autocast(x: torch.Tensor) -> bool:
-    device = x.device.type
-    return x.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-
-
 @register_notrace_function
 def pairwise_attention(
         x: torch.Tensor,
@@ -500,7 +480,7 @@ def pairwise_attention(
         if inline_reference():
             return _pairwise_reference(
                 _STANDARD, x, params, running, position, kernel_size, eps1, eps2, batch_stats1, batch_stats2)
-        if _autocast(x):
+        if autocast_enabled(x):
             params, running, position = _in_dtype(x, params), _in_dtype(x, running), position.to(x.dtype)
     out, stats, _ = torch.ops.timm_san.pairwise_attention(
         x, _with_absent(params, x), _running_with_absent(running, x), position, kernel_size, eps1, eps2, batch_stats1,
@@ -539,7 +519,7 @@ def patchwise_attention(
         if inline_reference():
             return _patchwise_reference(
                 _STANDARD, x, params, running, kernel_size, eps1, eps2, batch_stats1, batch_stats2)
-        if _autocast(x):
+        if autocast_enabled(x):
             params, running = _in_dtype(x, params), _in_dtype(x, running)
     out, stats, _, _ = torch.ops.timm_san.patchwise_attention(
         x, _with_absent(params, x), _running_with_absent(running, x), kernel_size, eps1, eps2, batch_stats1, batch_stats2)

@@ -21,13 +21,17 @@ Which backends may run is one switch, in the style of timm's ``set_fused_attn``:
 Exporting to ONNX always takes the reference, written out of standard operators: ONNX has no SAN operators.
 """
 import contextlib
+import functools
 import logging
 import os
-from typing import FrozenSet, Iterable, Iterator, Union
+from typing import Callable, FrozenSet, Iterable, Iterator, Union
 
 import torch
 
-__all__ = ['BACKENDS', 'set_kernels', 'use_kernels', 'enabled_kernels', 'select_kernel', 'inline_reference']
+__all__ = [
+    'BACKENDS', 'set_kernels', 'use_kernels', 'enabled_kernels', 'select_kernel', 'inline_reference',
+    'autocast_enabled', 'outside_autocast',
+]
 
 _logger = logging.getLogger('timm_san.ops')
 
@@ -126,3 +130,22 @@ def inline_reference() -> bool:
     """Whether operators are written out as the reference's standard operators: while exporting to ONNX."""
     return torch.onnx.is_in_onnx_export()
 
+
+
+def autocast_enabled(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (the operators then compute in the maps' dtype)."""
+    device = x.device.type
+    return x.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
+def outside_autocast(kernel: Callable) -> Callable:
+    """Run an operator's kernel with autocast off: the public functions hand it inputs of one dtype, and the
+    convs and norms inside must keep that dtype (autocast would recast them one by one)."""
+    @functools.wraps(kernel)
+    def run(*args):
+        if autocast_enabled(args[0]):
+            with torch.autocast(args[0].device.type, enabled=False):
+                return kernel(*args)
+        return kernel(*args)
+
+    return run

@@ -14,7 +14,7 @@ from torch.library import custom_op
 from ..kernels import reference
 from ..kernels import triton as triton_kernels
 from ..kernels.cpu import aggregation as cpu_aggregation
-from .dispatch import inline_reference, select_kernel
+from .dispatch import inline_reference, outside_autocast, select_kernel
 
 __all__ = [
     'footprint', 'subtraction', 'subtraction2', 'aggregation', 'position_grid', 'footprint_backward', 'offset_sum',
@@ -31,6 +31,7 @@ def _uses_triton(op: str, x: torch.Tensor) -> bool:
 # --- footprint gather and the relations, and their one backward (the footprint's scatter)
 
 @custom_op('timm_san::footprint_backward', mutates_args=())
+@outside_autocast
 def footprint_backward(
         grad: torch.Tensor, height: int, width: int, kernel_size: int, negate: bool, centre: bool) -> torch.Tensor:
     """Gradient of a footprint gather (negated for the neighbour side of a relation, plus the centre's sum)."""
@@ -51,6 +52,7 @@ def _(grad, height, width, kernel_size, negate, centre):
 
 
 @custom_op('timm_san::offset_sum', mutates_args=())
+@outside_autocast
 def offset_sum(grad: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Gradient of a relation at its centre: the sum over the footprint, as a map."""
     if _uses_triton('offset_sum', grad):
@@ -68,6 +70,7 @@ def _relation_like(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
 
 
 @custom_op('timm_san::footprint', mutates_args=())
+@outside_autocast
 def _footprint(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     if _uses_triton('footprint', x):
         return triton_kernels.footprint(x, kernel_size)
@@ -75,6 +78,7 @@ def _footprint(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
 
 
 @custom_op('timm_san::subtraction', mutates_args=())
+@outside_autocast
 def _subtraction(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     # one input (an operator may not take one tensor twice where it is differentiated)
     if _uses_triton('subtraction', x):
@@ -83,6 +87,7 @@ def _subtraction(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
 
 
 @custom_op('timm_san::subtraction2', mutates_args=())
+@outside_autocast
 def _subtraction2(x1: torch.Tensor, x2: torch.Tensor, kernel_size: int) -> torch.Tensor:
     if _uses_triton('subtraction2', x1):
         return triton_kernels.subtraction2(x1, x2, kernel_size)
@@ -121,6 +126,7 @@ _subtraction2.register_autograd(_subtraction2_grad, setup_context=_save_map_size
 # --- aggregation
 
 @custom_op('timm_san::aggregation', mutates_args=())
+@outside_autocast
 def _aggregation(x: torch.Tensor, weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
     kernel = select_kernel('aggregation', x, backends=('triton', 'cpu'))
     if kernel == 'triton':
@@ -136,6 +142,7 @@ def _(x, weight, kernel_size):
 
 
 @custom_op('timm_san::aggregation_backward', mutates_args=())
+@outside_autocast
 def aggregation_backward(
         grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel_size: int, input_grad: bool,
         weight_grad: bool) -> List[torch.Tensor]:
