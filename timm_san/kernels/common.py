@@ -3,7 +3,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['bn_scale_shift', 'offset_chunks', 'CHUNK_ELEMENTS']
+__all__ = ['bn_scale_shift', 'offset_chunks', 'input_moments', 'CHUNK_ELEMENTS']
 
 # elements of one chunk's relation buffer: small enough to stay in a core's L2 cache
 CHUNK_ELEMENTS = 1 << 18
@@ -49,3 +49,15 @@ def offset_chunks(
     if rows == kernel_size:
         samples = max(1, min(batch, chunk_elements // (row * kernel_size)))
     return samples, rows
+
+
+def input_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean ``(C,)`` and biased covariance ``(C, C)`` of ``x`` over batch and pixels.
+
+    Reductions rather than a matmul over the pixels: their pairwise summation keeps float32 sums of millions of
+    pixels accurate, as BatchNorm's own statistics are.
+    """
+    mean = x.mean(dim=(0, 2, 3))
+    centred = x - mean.view(1, -1, 1, 1)
+    covariance = (centred.unsqueeze(1) * centred.unsqueeze(2)).mean(dim=(0, 3, 4))
+    return mean, covariance

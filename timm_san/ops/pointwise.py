@@ -16,7 +16,8 @@ from timm.layers import register_notrace_function
 from torch.library import custom_op
 
 from ..kernels.cpu import conv1x1 as cpu_conv1x1
-from ..kernels.cpu import stem_eval
+from ..kernels.common import bn_scale_shift, input_moments
+from ..kernels.cpu import stem_eval, stem_train
 from .dispatch import autocast_enabled, inline_reference, outside_autocast, select_kernel
 
 __all__ = ['conv1x1', 'max_pool2x2', 'stem']
@@ -141,21 +142,30 @@ def _stem_reference(
 def _stem_stats(
         x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
         running_var: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[mean, unbiased var]`` of the conv's output per channel, from the input's moments (3 channels: no need to
-    write the full-resolution map for them); the running statistics for an empty batch."""
+    """``[mean, unbiased var]`` of the conv's output per channel, from the input's moments (3 channels: the
+    full-resolution map is not needed for them); the running statistics for an empty batch."""
     planes = weight.shape[0]
     if x.numel() == 0:
         return torch.cat([x.new_zeros(planes) if running_mean is None else running_mean.to(x.dtype),
                           x.new_ones(planes) if running_var is None else running_var.to(x.dtype)])
     matrix = weight.reshape(planes, -1)
-    flat = x.transpose(0, 1).reshape(x.shape[1], -1)
-    count = flat.shape[1]
-    mean_in = flat.mean(1)
-    centred = flat - mean_in.view(-1, 1)
-    covariance = centred @ centred.t() / max(count - 1, 1)
-    mean = matrix @ mean_in + (0 if bias is None else bias)
-    var = ((matrix @ covariance) * matrix).sum(1)
+    mean_in, covariance = input_moments(x)
+    mean = matrix @ mean_in if bias is None else matrix @ mean_in + bias
+    pixels = x.numel() // x.shape[1]
+    var = ((matrix @ covariance) * matrix).sum(1) * (pixels / max(pixels - 1, 1))
     return torch.cat([mean, var])
+
+
+def _stem_kernel(x: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
+                 bn_bias: Optional[torch.Tensor], batch_stats: bool) -> str:
+    """``'train'`` (the CPU training kernel: a bias-free conv, an affine norm), ``'eval'`` (the CPU eval kernel) or
+    ``'reference'``."""
+    kernel = select_kernel('stem', x, training=batch_stats, backends=_CPU)
+    if kernel != 'cpu':
+        return 'reference'
+    if not batch_stats:
+        return 'eval'
+    return 'train' if bias is None and bn_weight is not None and bn_bias is not None else 'reference'
 
 
 @custom_op('timm_san::stem', mutates_args=())
@@ -164,57 +174,68 @@ def _stem(
         x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
         bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
         eps: float, batch_stats: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(pooled map, batch statistics (empty on running statistics))``."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(pooled map, batch statistics (empty on running statistics), winning phases (CPU training, else empty))``."""
     stats = _stem_stats(x, weight, bias, running_mean, running_var) if batch_stats else x.new_empty(0)
-    if select_kernel('stem', x, backends=_CPU) == 'cpu':
-        mean, var = (stats.chunk(2) if batch_stats else (running_mean, running_var))
-        assert mean is not None and var is not None
-        if batch_stats:
-            var = var * (max(x.numel() // x.shape[1] - 1, 1) / max(x.numel() // x.shape[1], 1))  # BN's biased var
-        scale = torch.rsqrt(var + eps) if bn_weight is None else torch.rsqrt(var + eps) * bn_weight
-        shift = -mean * scale if bn_bias is None else bn_bias - mean * scale
+    kernel = _stem_kernel(x, bias, bn_weight, bn_bias, batch_stats)
+    if kernel == 'train':
+        assert bn_weight is not None and bn_bias is not None
+        out, argmax = stem_train.stem_forward(x, weight, bn_weight, bn_bias, eps)
+        return out, stats, argmax
+    if kernel == 'eval':
+        assert running_mean is not None and running_var is not None
+        scale, shift = bn_scale_shift(bn_weight, bn_bias, running_mean, torch.rsqrt(running_var + eps))
         if bias is not None:
             shift = shift + bias * scale
         # scaling the weights (not the pooled output) keeps the maximum right for negative scales
         matrix = weight.reshape(weight.shape[0], -1) * scale.view(-1, 1)
-        return stem_eval.pooled_linear_relu(x, matrix, shift), stats
+        return stem_eval.pooled_linear_relu(x, matrix, shift), stats, x.new_empty(0, dtype=torch.uint8)
     out = _stem_reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats)
-    return out, stats
+    return out, stats, x.new_empty(0, dtype=torch.uint8)
 
 
 @_stem.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats):
-    return x.new_empty(_pooled_shape(x, weight.shape[0])), x.new_empty(2 * weight.shape[0] if batch_stats else 0)
+    out_shape = _pooled_shape(x, weight.shape[0])
+    train = _stem_kernel(x, bias, bn_weight, bn_bias, batch_stats) == 'train'
+    return (x.new_empty(out_shape), x.new_empty(2 * weight.shape[0] if batch_stats else 0),
+            x.new_empty(out_shape if train else (0,), dtype=torch.uint8))
 
 
 @custom_op('timm_san::stem_backward', mutates_args=())
 @outside_autocast
 def _stem_backward(
-        grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-        bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
-        running_var: Optional[torch.Tensor], eps: float, batch_stats: bool,
+        grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor, argmax: torch.Tensor, weight: torch.Tensor,
+        bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+        running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], eps: float, batch_stats: bool,
+        input_grad: bool,
 ) -> List[torch.Tensor]:
-    """``[grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias]``, empty for absent tensors: the stem
-    recomputed (nothing of full resolution is kept between forward and backward)."""
+    """``[grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias]``, empty for absent tensors. Without the
+    training kernel's winning phases, the stem is recomputed (nothing of full resolution is kept in between)."""
     inputs = [x, weight, bias, bn_weight, bn_bias]
-    present = [i for i, t in enumerate(inputs) if t is not None]
+    if argmax.numel():
+        assert bn_weight is not None
+        grad_x, grad_weight, grad_bn_weight, grad_bn_bias = stem_train.stem_backward(
+            grad, x, out, argmax, weight, bn_weight, eps, input_grad)
+        grads = [grad_x, grad_weight, None, grad_bn_weight, grad_bn_bias]
+    else:
+        present = [i for i, t in enumerate(inputs) if t is not None]
 
-    def stem_of(*tensors):
-        full = list(inputs)
-        for i, t in zip(present, tensors):
-            full[i] = t
-        return _stem_reference(*full, running_mean, running_var, eps, batch_stats)
+        def stem_of(*tensors):
+            full = list(inputs)
+            for i, t in zip(present, tensors):
+                full[i] = t
+            return _stem_reference(*full, running_mean, running_var, eps, batch_stats)
 
-    _, pullback = torch.func.vjp(stem_of, *[inputs[i] for i in present])
-    grads = [x.new_empty(0)] * len(inputs)
-    for i, g in zip(present, pullback(grad)):
-        grads[i] = g
-    return [g if g._base is None else g.clone() for g in grads]
+        _, pullback = torch.func.vjp(stem_of, *[inputs[i] for i in present])
+        grads = [None] * len(inputs)
+        for i, g in zip(present, pullback(grad)):
+            grads[i] = g
+    return [x.new_empty(0) if g is None else g.clone() if g._base is not None else g for g in grads]
 
 
 @_stem_backward.register_fake
-def _(grad, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats):
+def _(grad, x, out, argmax, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats, input_grad):
     return [x.new_empty(0) if t is None else torch.empty_like(t) for t in (x, weight, bias, bn_weight, bn_bias)]
 
 
@@ -223,12 +244,14 @@ def _stem_setup(ctx, inputs, output) -> None:
     ctx.arguments = (eps, batch_stats)
     # the module folds the batch statistics into the running ones in place: keep those only when they are read
     running = (None, None) if batch_stats else (running_mean, running_var)
-    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, *running)
+    ctx.save_for_backward(x, output[0], output[2], weight, bias, bn_weight, bn_bias, *running)
 
 
-def _stem_grad(ctx, grad, grad_stats):
-    x, weight, bias, bn_weight, bn_bias, running_mean, running_var = ctx.saved_tensors
-    grads = _stem_backward(grad, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *ctx.arguments)
+def _stem_grad(ctx, grad, grad_stats, grad_argmax):
+    x, out, argmax, weight, bias, bn_weight, bn_bias, running_mean, running_var = ctx.saved_tensors
+    grads = _stem_backward(
+        grad, x, out, argmax, weight, bias, bn_weight, bn_bias, running_mean, running_var, *ctx.arguments,
+        bool(ctx.needs_input_grad[0]))
     tensors = (x, weight, bias, bn_weight, bn_bias)
     return (*[None if t is None else g for t, g in zip(tensors, grads)], None, None, None, None)
 
@@ -268,7 +291,8 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
         Tensor of shape ``(B, C, H // 2, W // 2)``.
     """
     if not torch.jit.is_scripting():
-        if inline_reference() or x.dim() != 4:
+        if inline_reference() or x.dim() != 4 or (x.requires_grad and torch.is_grad_enabled()):
+            # ONNX; and training, where PyTorch's own pool keeps the indices its backward needs
             return F.max_pool2d(x, 2, 2)
     return torch.ops.timm_san.max_pool2x2(x)
 
@@ -309,6 +333,6 @@ def stem(
                 raise ValueError('expected 4D input (got 3D input)')  # as nn.BatchNorm2d says it after the conv
             out = _stem_reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats)
             return out, x.new_empty(0)
-    out, stats = torch.ops.timm_san.stem(
+    out, stats, _ = torch.ops.timm_san.stem(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats)
     return out, stats
