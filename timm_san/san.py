@@ -24,12 +24,12 @@ from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, 
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
+from .weights.checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
 from .eval_ops import max_pool2x2
 from .eval_stem import pooled_stem
 from .fusable import eval_batch_norm, fusions_apply, identity_in_eval, plain_conv1x1, plain_max_pool2x2, plain_relu
-from .hub_errors import explain_pretrained_errors
-from .hub_ids import hf_hub_id
+from .weights.hub_errors import explain_pretrained_errors
+from .weights.hub_ids import hf_hub_id
 from .matmul_conv import conv1x1
 from .sam import SA_TYPES, SelfAttention
 from .stem_train import pooled_stem_train, stem_train_supported
@@ -449,7 +449,7 @@ class SAN(nn.Module):
 
 
 def _create_san(variant: str, pretrained: bool = False, **kwargs) -> SAN:
-    with explain_pretrained_errors(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')):
+    with explain_pretrained_errors(variant, pretrained, kwargs):
         return build_model_with_cfg(
             SAN, variant, pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
