@@ -8,7 +8,7 @@ import timm
 from timm.models import load_checkpoint
 
 import timm_san  # noqa: F401
-from timm_san.checkpoint import CheckpointMismatchError, CheckpointReadError, load_official_checkpoint
+from timm_san.weights.checkpoint import CheckpointMismatchError, CheckpointReadError, load_official_checkpoint
 from reference import official_checkpoint, official_model, randomize_
 
 

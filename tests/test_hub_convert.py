@@ -12,7 +12,7 @@ import torch
 import timm_san  # noqa: F401
 from hub_testing import (
     CHECK_SIZE, HUB_DIR, MODEL, REPO_ID, assert_same_weights, checkpoint_reference, convert, shared_conversion)
-from timm_san.hub_ids import hf_hub_id
+from timm_san.weights.hub_ids import hf_hub_id
 
 
 @pytest.fixture(scope='module')
