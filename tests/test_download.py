@@ -65,7 +65,8 @@ def test_download_converts_prints_the_load_line_and_is_not_repeated(drive, refer
     code, out, err = _download(capsys, '--cache-dir', cache)
     assert code == 0, err
     folder = cache / FOLDER
-    assert sorted(p.name for p in folder.iterdir()) == sorted(['README.md', SOURCE_FILE, 'config.json', 'model.safetensors'])
+    written = ['README.md', SOURCE_FILE, 'config.json', 'model.safetensors']
+    assert sorted(p.name for p in folder.iterdir()) == sorted(written)
     assert sorted(p.name for p in cache.iterdir()) == [FOLDER]  # no temporary folder left beside it
     assert drive.requests[FILE_ID] == 1
     assert '100%' in err  # gdown's progress bar
