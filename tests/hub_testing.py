@@ -107,7 +107,7 @@ def checkpoint_reference(checkpoint: Path) -> Tuple[Dict[str, torch.Tensor], tor
     """The checkpoint's weights, and the outputs of a timm model loaded from it directly on ``LOAD_SCRIPT``'s images."""
     import timm
     import timm_san  # noqa: F401
-    from timm_san.checkpoint import load_official_checkpoint
+    from timm_san.weights.checkpoint import load_official_checkpoint
     state_dict, _ = load_official_checkpoint(str(checkpoint))
     model = timm.create_model(MODEL).eval()
     model.load_state_dict(state_dict)

@@ -1,14 +1,16 @@
 """Checkpoints that do not fit, are cut short, or would run code: clear errors, nothing half loaded."""
 import os
 import pickle
+import shutil
 
 import pytest
 import torch
 import timm
+from safetensors.torch import save_file
 from timm.models import load_checkpoint
 
 import timm_san  # noqa: F401
-from timm_san.checkpoint import CheckpointMismatchError, CheckpointReadError, load_official_checkpoint
+from timm_san.weights.checkpoint import CheckpointMismatchError, CheckpointReadError, load_official_checkpoint
 from reference import official_checkpoint, official_model, randomize_
 
 
@@ -72,17 +74,93 @@ def test_misfit_leaves_the_model_untouched(files):
         assert torch.equal(value, before[key]), key
 
 
-def test_truncated_file_is_refused_clearly(files):
-    with pytest.raises(CheckpointReadError, match='truncated or not a checkpoint'):
-        load_official_checkpoint(str(files['truncated_file']))
-    # timm's own loader refuses it too (its message is torch's)
-    with pytest.raises(RuntimeError):
-        timm.create_model('san10_pairwise', checkpoint_path=str(files['truncated_file']))
+@pytest.fixture(scope='module')
+def damaged(tmp_path_factory, files):
+    """Damaged files of each kind, by name: (path, the words that must say what is wrong with it)."""
+    root = tmp_path_factory.mktemp('damaged')
+    good = files['san10_pairwise'].read_bytes()
+    safetensors_path = root / 'good.safetensors'
+    save_file(load_official_checkpoint(str(files['san10_pairwise']))[0], str(safetensors_path))
+    weights = safetensors_path.read_bytes()
+    corrupt = bytearray(weights)
+    corrupt[:8] = b'\xff' * 8  # the header length
+    legacy = root / 'legacy.pth'
+    torch.save(torch.load(files['san10_pairwise'], weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    kinds = {
+        'empty.pth': (b'', 'it is empty'),
+        'empty.safetensors': (b'', 'it is empty'),
+        'random.pth': (bytes(range(7, 256)) * 20, 'it is neither a torch checkpoint (zip or pickle) nor a safetensors'),
+        'page.pth': (b'<html><body>Sign in</body></html>', 'it is a web page or other markup, not a checkpoint'),
+        'truncated.pth': (good[:len(good) // 3], 'it is a torch checkpoint (zip) that is truncated or corrupt'),
+        'truncated_legacy.pth': (legacy.read_bytes()[:len(legacy.read_bytes()) // 3],
+                                 'it is a torch checkpoint that does not read whole: truncated or corrupt'),
+        'truncated.safetensors': (weights[:len(weights) // 3], 'it is not a valid safetensors file: truncated'),
+        'corrupt.safetensors': (bytes(corrupt), 'it is not a valid safetensors file: truncated or corrupt'),
+    }
+    paths = {}
+    for name, (data, words) in kinds.items():
+        (root / name).write_bytes(data)
+        paths[name] = (root / name, words)
+    paths['missing.pth'] = (root / 'missing.pth', 'there is no file at that path')
+    return paths
 
 
-def test_missing_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match='No checkpoint file'):
-        load_official_checkpoint(str(tmp_path / 'nope.pth'))
+DAMAGED = ['empty.pth', 'empty.safetensors', 'random.pth', 'page.pth', 'truncated.pth', 'truncated_legacy.pth',
+           'truncated.safetensors', 'corrupt.safetensors', 'missing.pth']
+
+
+@pytest.mark.parametrize('kind', DAMAGED)
+def test_damaged_file_through_pretrained_file_names_it(damaged, kind):
+    path, words = damaged[kind]
+    with pytest.raises(CheckpointReadError) as info:
+        timm.create_model('san10_pairwise', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    message = str(info.value)
+    assert message.startswith(f"Cannot read the pretrained weights of san10_pairwise '{path}'")
+    assert words in message
+    assert 'Hub' not in message and 'hf-hub' not in message  # a local file is not blamed on a repository
+
+
+@pytest.mark.parametrize('kind', [k for k in DAMAGED if k.endswith('.pth')])
+def test_damaged_file_through_load_official_checkpoint_names_it(damaged, kind):
+    path, words = damaged[kind]
+    error = FileNotFoundError if kind == 'missing.pth' else CheckpointReadError
+    with pytest.raises(error) as info:
+        load_official_checkpoint(str(path))
+    assert f"'{path}'" in str(info.value) and words in str(info.value)
+    assert 'needs code' not in str(info.value)
+
+
+@pytest.mark.parametrize('kind', ['empty.safetensors', 'truncated.safetensors', 'corrupt.safetensors'])
+def test_damaged_local_dir_names_the_file(damaged, files, tmp_path, kind):
+    from timm.models._hub import save_for_hf
+    model = timm.create_model('san10_pairwise')
+    save_for_hf(model, str(tmp_path), safe_serialization=True)
+    shutil.copy(damaged[kind][0], tmp_path / 'model.safetensors')
+    with pytest.raises(CheckpointReadError) as info:
+        timm.create_model(f'local-dir:{tmp_path}', pretrained=True)
+    assert f"'{tmp_path / 'model.safetensors'}'" in str(info.value) and damaged[kind][1] in str(info.value)
+    assert 'timm-san download --force' in str(info.value)
+
+
+@pytest.mark.parametrize('kind', DAMAGED)
+def test_checkpoint_path_is_timms_and_gains_no_claim_of_ours(damaged, kind):
+    # checkpoint_path= is read by timm's own loader after the model is built; timm-san adds nothing to its error
+    with pytest.raises(Exception) as info:
+        timm.create_model('san10_pairwise', checkpoint_path=str(damaged[kind][0]))
+    assert not isinstance(info.value, (CheckpointReadError, CheckpointMismatchError))
+    assert not any('timm-san' in note for note in getattr(info.value, '__notes__', ()))
+
+
+@pytest.mark.parametrize('kind', ['empty.pth', 'random.pth', 'truncated.pth', 'missing.pth'])
+def test_damaged_file_through_the_conversion_tool(damaged, tmp_path, capsys, kind):
+    from timm_san.cli.convert import main as convert_main
+    path, words = damaged[kind]
+    out = tmp_path / 'out'
+    assert convert_main([str(path), '--model', 'san10_pairwise', '--out', str(out), '--check-input-size', '32']) == 1
+    err = capsys.readouterr().err
+    assert str(path) in err
+    assert (words if kind != 'missing.pth' else 'No checkpoint file at') in err
+    assert not out.exists() and not list(tmp_path.glob('.out*'))
 
 
 class _RunsCode:
@@ -100,7 +178,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
     path = tmp_path / 'evil.pth'
     state_dict = {f'module.{k}': v for k, v in timm.create_model('san10_pairwise').state_dict().items()}
     torch.save({'state_dict': state_dict, 'payload': _RunsCode(marker)}, path, pickle_module=pickle)
-    with pytest.raises(CheckpointReadError, match='Refused to load'):
+    with pytest.raises(CheckpointReadError, match='it is a pickle that needs code or classes beyond plain tensors'):
         load_official_checkpoint(str(path))
     for load in _all_timm_paths('san10_pairwise', path):
         with pytest.raises(RuntimeError, match='weights_only'):

@@ -3,7 +3,6 @@ refused with a clear message and nothing left behind
 """
 import hashlib
 import json
-import sys
 
 import pytest
 import timm
@@ -12,7 +11,8 @@ import torch
 import timm_san  # noqa: F401
 from hub_testing import (
     CHECK_SIZE, HUB_DIR, MODEL, REPO_ID, assert_same_weights, checkpoint_reference, convert, shared_conversion)
-from timm_san.hub_ids import hf_hub_id
+from timm_san.weights.hub_ids import hf_hub_id
+from timm_san.weights.sources import DEFAULT_SOURCES_FILE, SourceRecordError, load_sources, record_sha256
 
 
 @pytest.fixture(scope='module')
@@ -65,6 +65,7 @@ def test_model_card(conversion):
     assert '@inproceedings{zhao2020exploring' in card
     assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() in card
     assert 'https://drive.google.com/open?id=19ZJn48UpiF_j8e1-UU9UZ4AVfLjmwPzH' in card
+    assert f'https://drive.google.com/file/d/{DRIVE_FILE_IDS[MODEL]}/view' in card
     assert 'epoch 100, top1_val 0.771, top5_val 0.935' in card
 
 
@@ -86,7 +87,8 @@ def test_refuses_truncated_checkpoint(tmp_path, conversion):
     out = tmp_path / 'out'
     result = convert(truncated, out)
     assert result.returncode == 1
-    assert 'truncated or not a checkpoint' in result.stderr
+    assert f"Cannot read the checkpoint '{truncated}'" in result.stderr
+    assert 'it is a torch checkpoint (zip) that is truncated or corrupt' in result.stderr
     assert not out.exists() and not _leftovers(tmp_path, 'out')
 
 
@@ -128,14 +130,40 @@ def test_refuses_existing_folder_and_unknown_model(tmp_path, conversion):
     assert not (tmp_path / 'out').exists()
 
 
+# the Google Drive file ids of the public release (its folder 19ZJn48UpiF_j8e1-UU9UZ4AVfLjmwPzH)
+DRIVE_FILE_IDS = {
+    'san10_pairwise': '1lv5TYfJFYvNWt_Ik0E-nAuI5h4PqSwuk',
+    'san10_patchwise': '1aU60a3I-YZK1HYs25sj2V5nbXC9FqRZ5',
+    'san15_pairwise': '1yfJnq28XYAjJ4ThYd9kv9MFBKFvzCr4I',
+    'san15_patchwise': '1MJwkzyo2wxjSCynj-Jp8NQMSj6o89Ph-',
+    'san19_pairwise': '1wAaGSizflxOCSiVHh2EE3mtyGL0IuPK9',
+    'san19_patchwise': '1rtYIB-fTkDc4HR5s8K9Ddn2Xae-lhsfb',
+}
+
+
 def test_official_sources_record_is_honest():
-    sys.path.insert(0, str(HUB_DIR))
-    try:
-        from official_sources import load_sources
-    finally:
-        sys.path.remove(str(HUB_DIR))
     sources = load_sources()
     assert sorted(sources) == sorted(timm.list_models('san*'))
+    assert {name: source.drive_file_id for name, source in sources.items()} == DRIVE_FILE_IDS
     for source in sources.values():
         assert source.release_folder == 'https://drive.google.com/open?id=19ZJn48UpiF_j8e1-UU9UZ4AVfLjmwPzH'
         assert source.sha256 is None or len(source.sha256) == 64
+    # hub/ holds the record too (a link to the package's copy, which installs with the package)
+    assert load_sources(HUB_DIR / 'official_checkpoints.json') == sources
+
+
+def test_record_sha256_writes_once_and_keeps_the_layout(tmp_path):
+    record = tmp_path / 'record.json'
+    record.write_text(DEFAULT_SOURCES_FILE.read_text())
+    link = tmp_path / 'link.json'
+    link.symlink_to(record)
+    sha256 = hashlib.sha256(b'x').hexdigest()
+    assert record_sha256(MODEL, sha256, link)
+    assert link.is_symlink()  # written through the link, not over it
+    assert load_sources(record)[MODEL].sha256 == sha256
+    changed = [line for line in record.read_text().splitlines()
+               if line not in DEFAULT_SOURCES_FILE.read_text().splitlines()]
+    assert len(changed) == 1 and MODEL in changed[0]  # one line per checkpoint: the diff names the one recorded
+    assert not record_sha256(MODEL, sha256, record)
+    with pytest.raises(SourceRecordError, match='already records sha256'):
+        record_sha256(MODEL, hashlib.sha256(b'y').hexdigest(), record)

@@ -4,13 +4,18 @@ Every load runs in a fresh Python process with the environment a user sets (``HF
 ``HF_HOME`` in a temporary folder, ``HF_HUB_OFFLINE``), so huggingface_hub reads its settings as it does for them.
 """
 import shutil
+import socket
+import sys
+import time
 
 import pytest
 
 from hub_server import MockHub
 from hub_testing import (
     DEFAULT_ORG, MODEL, REPO_ID, TAG, assert_same_weights, checkpoint_reference, clean_env, load_in_subprocess,
-    loaded_results, shared_conversion)
+    loaded_results, run, shared_conversion)
+
+WITHOUT_HUB = f'`timm-san download {MODEL}`'
 
 
 @pytest.fixture(scope='module')
@@ -74,13 +79,15 @@ def test_offline_with_warm_cache(hub, warm_home, reference):
     _assert_matches(reference, warm_home / 'offline')
 
 
-def test_offline_with_cold_cache_says_so(hub, tmp_path):
+@pytest.mark.parametrize('name', [MODEL, f'hf-hub:{REPO_ID}'])
+def test_offline_with_cold_cache_says_so(hub, tmp_path, name):
     env = clean_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path), HF_HUB_OFFLINE='1')
-    result = load_in_subprocess(MODEL, tmp_path / 'x', env)
+    result = load_in_subprocess(name, tmp_path / 'x', env)
     assert result.returncode != 0
     assert 'LocalEntryNotFoundError' in result.stderr
-    assert 'offline mode is enabled' in result.stderr
-    assert f'timm-san: the pretrained weights of {MODEL} ({REPO_ID}) are not in the cache {tmp_path}' in result.stderr
+    assert (f'timm-san: offline mode (HF_HUB_OFFLINE) is on and the cache {tmp_path / "hub"} holds no weights of '
+            f'{MODEL} ({REPO_ID})') in result.stderr
+    assert WITHOUT_HUB in result.stderr
 
 
 def test_hf_hub_prefix_uses_the_repository_config(hub, reference, tmp_path):
@@ -100,13 +107,62 @@ def test_interrupted_transfer_is_resumed(hub, reference, tmp_path):
     _assert_matches(reference, tmp_path / 'cut')
 
 
-def test_missing_repository(hub, tmp_path):
+@pytest.mark.parametrize('name', [MODEL, f'hf-hub:nobody/{MODEL}.{TAG}'])
+def test_missing_repository_says_not_published_after_one_request(hub, tmp_path, name):
     env = clean_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path), TIMM_SAN_HF_HUB_ORG='nobody')
-    result = load_in_subprocess(MODEL, tmp_path / 'x', env)
+    before = sum(hub.requests.values())
+    result = load_in_subprocess(name, tmp_path / 'x', env)
     assert result.returncode != 0
     assert 'RepositoryNotFoundError' in result.stderr
-    assert f'nobody/{MODEL}.{TAG}' in result.stderr
-    assert f'timm-san: the pretrained weights of {MODEL} were looked for in nobody/{MODEL}.{TAG}' in result.stderr
+    assert (f'timm-san: the pretrained weights of {MODEL} are not published at {hub.url}: asked for '
+            f'nobody/{MODEL}.{TAG}, the Hub answered that it has no such repository') in result.stderr
+    assert WITHOUT_HUB in result.stderr and 'timm.create_model("local-dir:FOLDER", pretrained=True)' in result.stderr
+    # one request, not one per file name timm tries, and no retries
+    assert sum(hub.requests.values()) == before + 1
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize('name', [MODEL, f'hf-hub:{REPO_ID}'])
+def test_unreachable_endpoint_fails_fast(tmp_path, name):
+    endpoint = f'http://127.0.0.1:{_closed_port()}'
+    start = time.monotonic()
+    result = load_in_subprocess(name, tmp_path / 'x', clean_env(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path)))
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert 'LocalEntryNotFoundError' in result.stderr
+    assert (f'timm-san: the pretrained weights of {MODEL} ({REPO_ID}) are not in the cache {tmp_path / "hub"}, and '
+            f'{endpoint} could not be reached (ConnectError); asked once, without retries') in result.stderr
+    assert WITHOUT_HUB in result.stderr
+    assert 'Retrying' not in result.stderr  # huggingface_hub's back-off (25 s per file, 52 s in all) never ran
+    assert elapsed < 40, f'{elapsed:.0f} s'
+
+
+def test_demo_pretrained_without_weights_ends_in_one_line(hub, tmp_path):
+    env = clean_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path), TIMM_SAN_HF_HUB_ORG='nobody')
+    result = run([sys.executable, '-m', 'timm_san', 'demo', '--pretrained', '--models', MODEL], env=env)
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f'timm-san demo: error: the pretrained weights of {MODEL} are not published at '
+                               f'{hub.url}')
+    assert WITHOUT_HUB in lines[0]
+
+
+def test_demo_pretrained_uses_the_download_cache(conversion, tmp_path):
+    """A folder in the timm-san download cache is what the demo loads: no Hub request at all (none is running)."""
+    _, folder, _ = conversion
+    cache = tmp_path / 'cache'
+    shutil.copytree(folder, cache / folder.name)
+    env = clean_env(HF_ENDPOINT=f'http://127.0.0.1:{_closed_port()}', HF_HOME=str(tmp_path), TIMM_SAN_CACHE=str(cache))
+    result = run([sys.executable, '-m', 'timm_san', 'demo', '--pretrained', '--models', MODEL], env=env)
+    assert result.returncode == 0, result.stderr
+    assert f'| {MODEL} | 10.5 |' in result.stdout
 
 
 def test_missing_weights_file(hub, conversion, tmp_path):

@@ -14,7 +14,7 @@ from typing import List, Tuple
 
 import pytest
 
-from timm_san.launcher import main as run_main
+from timm_san.cli.run import main as run_main
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'script_fixtures')
 SCRIPT = os.path.join(FIXTURES, 'report_script.py')

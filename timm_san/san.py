@@ -24,12 +24,12 @@ from timm.layers import DropPath, calculate_drop_path_rates, create_classifier, 
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
-from .hub_errors import explain_pretrained_errors
-from .hub_ids import hf_hub_id
 from .layers import Conv1x1, MaxPool2x2
 from .ops import stem
 from .sam import SA_TYPES, SelfAttention, fold_batch_stats
+from .weights.checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
+from .weights.hub_errors import explain_pretrained_errors
+from .weights.hub_ids import hf_hub_id
 
 __all__ = ['SAN', 'SanBottleneck']
 
@@ -359,7 +359,7 @@ class SAN(nn.Module):
 
 
 def _create_san(variant: str, pretrained: bool = False, **kwargs) -> SAN:
-    with explain_pretrained_errors(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')):
+    with explain_pretrained_errors(variant, pretrained, kwargs):
         return build_model_with_cfg(
             SAN, variant, pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,

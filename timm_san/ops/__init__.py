@@ -11,6 +11,7 @@ The network (``timm_san.san``, ``timm_san.sam``) calls these and nothing below t
 Which kernel computes a call (reference, CPU, Triton) is decided in one place, ``dispatch.select_kernel``, and
 switched with ``set_kernels`` / ``use_kernels`` or ``TIMM_SAN_KERNELS`` (see ``timm_san.ops.dispatch``).
 """
+from . import flops  # noqa: F401  (FLOP formulas for torch's FlopCounterMode)
 from .attention import ATTENTION_PARAMS, pairwise_attention, patchwise_attention
 from .dispatch import BACKENDS, enabled_kernels, select_kernel, set_kernels, use_kernels
 from .pointwise import conv1x1, max_pool2x2, stem

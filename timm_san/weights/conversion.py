@@ -1,26 +1,23 @@
 """ Writing an official SAN checkpoint out as a Hub-ready folder, and checking the folder before it is moved into place
 
-Used by ``convert.py`` once its cheap checks (arguments, sha256) have passed.
+Used by ``timm-san convert`` once its cheap checks (arguments, sha256) have passed, and by ``timm-san download``.
 """
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import timm
 import torch
 from timm.models._hub import save_for_hf
 
-import timm_san  # noqa: F401  registers the SAN models
-from timm_san.checkpoint import (
-    CheckpointMismatchError, CheckpointReadError, check_state_dict, load_official_checkpoint)
-from timm_san.version import __version__ as timm_san_version
+from ..version import __version__ as timm_san_version
+from .checkpoint import CheckpointMismatchError, CheckpointReadError, check_state_dict, load_official_checkpoint
+from .model_card import model_card_text
+from .sources import OfficialSource
 
-from model_card import model_card_text
-from official_sources import OfficialSource
-
-__all__ = ['ConversionError', 'WRITTEN_FILES', 'write_hub_folder']
+__all__ = ['ConversionError', 'WRITTEN_FILES', 'write_hub_folder', 'replace_folder']
 
 WRITTEN_FILES = ('model.safetensors', 'config.json', 'README.md')
 
@@ -63,7 +60,12 @@ def _open_permissions(folder: Path) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
-def _move_into_place(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
+def replace_folder(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename a folder written beside ``out_dir`` into its place; an existing one is replaced only if told to.
+
+    Raises:
+        ConversionError: ``out_dir`` exists and ``overwrite`` is False.
+    """
     if out_dir.exists():
         if not overwrite:
             raise ConversionError(f'{out_dir} appeared while converting; nothing was replaced.')
@@ -85,6 +87,8 @@ def write_hub_folder(
         sha256: str,
         overwrite: bool = False,
         check_input_size: int = 224,
+        converter: str = 'timm-san convert',
+        extra_files: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Any]:
     """Convert ``checkpoint`` into ``out_dir``: safetensors weights, timm's config.json, the model card.
 
@@ -100,6 +104,8 @@ def write_hub_folder(
         sha256: The file's sha256, for the model card.
         overwrite: Replace an existing ``out_dir``.
         check_input_size: Side of the random images the outputs are compared on.
+        converter: What converted it, for the model card.
+        extra_files: Further text files to write into the folder, by name.
 
     Returns:
         Sizes of the files written, by name.
@@ -124,11 +130,13 @@ def write_hub_folder(
         card = model_card_text(
             model_name, repo_id, source, checkpoint.name, sha256,
             num_params=sum(p.numel() for p in model.parameters()), checkpoint_extra=extra,
-            converter=f'timm-san {timm_san_version} hub/convert.py')
+            converter=f'timm-san {timm_san_version} ({converter})')
         (tmp_dir / 'README.md').write_text(card, encoding='utf-8')
+        for name, text in (extra_files or {}).items():
+            (tmp_dir / name).write_text(text, encoding='utf-8')
         _check_written(tmp_dir, model, state_dict, check_input_size)
         _open_permissions(tmp_dir)
-        _move_into_place(tmp_dir, out_dir, overwrite)
+        replace_folder(tmp_dir, out_dir, overwrite)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return {name: (out_dir / name).stat().st_size for name in WRITTEN_FILES}

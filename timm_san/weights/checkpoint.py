@@ -9,20 +9,27 @@ before anything is copied, with a message that says what does not fit.
 import os
 import pickle
 import re
+import zipfile
 from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 __all__ = [
     'CheckpointMismatchError', 'CheckpointReadError', 'load_official_checkpoint', 'unwrap_state_dict',
     'describe_san_state_dict', 'check_state_dict', 'checkpoint_filter_fn', 'strip_data_parallel_prefix',
+    'checkpoint_file_problem', 'describe_unreadable',
 ]
 
 _DATA_PARALLEL_PREFIX = 'module.'
 _SAN_STEM_KEY = 'conv_in.weight'
 _BLOCK_KEY = re.compile(r'^layer(\d)\.(\d+)\.')
 _SHOWN = 5
+_ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format since torch 1.6
+_PICKLE_PROTOCOL = b'\x80'  # a plain pickle (torch's legacy format) opens with its protocol number
+_NEEDS_CODE = re.compile(r'unsupported global', re.I)  # torch's weights-only unpickler refusing an import
+_UNPICKLER_DETAIL = re.compile(r'unsupported (global|operand)', re.I)
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -31,6 +38,99 @@ class CheckpointMismatchError(RuntimeError):
 
 class CheckpointReadError(RuntimeError):
     """A checkpoint file that cannot be read safely or whole."""
+
+
+def _first_line(error: BaseException) -> str:
+    """The telling line of an exception's message, or its type's name when the message is empty.
+
+    ``torch.load``'s weights-only errors open with a paragraph about the changed default; the line that says what
+    was refused comes later, so it is the one taken.
+    """
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    telling = [line for line in lines if _UNPICKLER_DETAIL.search(line)]
+    return (telling or lines or [type(error).__name__])[0]
+
+
+def _safetensors_problem(path: str) -> Optional[str]:
+    """What is wrong with the header of a safetensors file, or None when it reads (the data is not checked)."""
+    try:
+        with safe_open(path, framework='numpy') as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        return f'it is not a valid safetensors file: truncated or corrupt ({_first_line(e)})'
+    return None
+
+
+def _zip_problem(path: str) -> Optional[str]:
+    """What is wrong with the zip archive that ``torch.save`` writes, or None when every member reads whole."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member and checks its CRC
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f'it is a torch checkpoint (zip) that is truncated or corrupt ({_first_line(e)})'
+    if bad is not None:
+        return f'it is a torch checkpoint (zip) whose member {bad} is corrupt'
+    return None
+
+
+def checkpoint_file_problem(path: str, error: Optional[BaseException] = None) -> Optional[str]:
+    """What is wrong with a checkpoint file, in words, told from the file itself rather than from a loader's error.
+
+    Loaders describe damaged files poorly (``torch.load`` of random bytes reports a pickle that needs code, of an
+    empty file an ``EOFError`` with no message), so the file is examined: missing, a folder, empty, an HTML page,
+    a safetensors file whose header does not read, a torch zip that is cut short, a plain pickle (torch's legacy
+    format) that ends early or is refused for needing code, or none of these formats.
+
+    Args:
+        path: The file.
+        error: The error a loader raised on it, if any; used only to tell a pickle that needs code from a damaged one.
+
+    Returns:
+        The problem, e.g. ``'it is empty'``, or None when nothing is found wrong with the file.
+    """
+    if not os.path.lexists(path):
+        return 'there is no file at that path'
+    if os.path.isdir(path):
+        return 'it is a folder, not a file'
+    try:
+        size = os.path.getsize(path)
+        with open(path, 'rb') as f:
+            head = f.read(64)
+    except OSError as e:
+        return f'it cannot be read ({_first_line(e)})'
+    if size == 0:
+        return 'it is empty'
+    if head.lstrip()[:1] == b'<':
+        return 'it is a web page or other markup, not a checkpoint'
+    if path.endswith('.safetensors') or (len(head) > 8 and head[8:9] == b'{'):
+        return _safetensors_problem(path)
+    if head.startswith(_ZIP_MAGIC):
+        problem = _zip_problem(path)
+        if problem is not None:
+            return problem
+    elif not head.startswith(_PICKLE_PROTOCOL):
+        return f'it is neither a torch checkpoint (zip or pickle) nor a safetensors file (it starts {head[:8].hex()})'
+    if isinstance(error, pickle.UnpicklingError) and _NEEDS_CODE.search(str(error)):
+        return ('it is a pickle that needs code or classes beyond plain tensors and containers, which '
+                'weights_only=True refuses')
+    if error is not None:
+        return f'it is a torch checkpoint that does not read whole: truncated or corrupt ({_first_line(error)})'
+    return None
+
+
+def describe_unreadable(path: str, error: Optional[BaseException] = None, what: str = 'checkpoint') -> str:
+    """The message for a checkpoint file that cannot be read: which file, its size and what is wrong with it.
+
+    Args:
+        path: The file.
+        error: The loader's error, if any.
+        what: What the file was to be, for the message (``'checkpoint'``, ``'pretrained weights of san10_pairwise'``).
+    """
+    problem = checkpoint_file_problem(path, error)
+    if problem is None:
+        problem = f'it could not be read ({_first_line(error)})' if error is not None else 'it could not be read'
+    size = f', {os.path.getsize(path)} bytes' if os.path.isfile(path) else ''
+    return f'Cannot read the {what} {path!r}{size}: {problem}.'
 
 
 def load_official_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -47,22 +147,18 @@ def load_official_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[s
 
     Raises:
         FileNotFoundError: No file at ``path``.
-        CheckpointReadError: The file is truncated, not a checkpoint, or needs code to unpickle.
+        CheckpointReadError: The file is empty, truncated, not a checkpoint, or needs code to unpickle; the message
+            names the file and what is wrong with it.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'No checkpoint file at {path!r}.')
+        raise FileNotFoundError(describe_unreadable(path))
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointReadError(
-            f'Refused to load {path!r}: it is a pickle that needs code or classes beyond plain tensors and '
-            f'containers (weights_only=True). Official SAN checkpoints do not; if you trust this file, '
-            f'convert it yourself. Detail: {str(e).splitlines()[0]}') from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        size = os.path.getsize(path)
-        raise CheckpointReadError(
-            f'Cannot read {path!r} ({size} bytes) as a torch checkpoint: the file is truncated or not a '
-            f'checkpoint. Download it again and compare its sha256. Detail: {str(e).splitlines()[0]}') from e
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        advice = ('Official SAN checkpoints need none; if you trust this file, convert it yourself.'
+                  if 'needs code' in (checkpoint_file_problem(path, e) or '') else
+                  'Download it again (timm-san download checks and converts the official files).')
+        raise CheckpointReadError(f'{describe_unreadable(path, e)} {advice}') from e
     state_dict = unwrap_state_dict(checkpoint)
     extra = {}
     if isinstance(checkpoint, Mapping):

@@ -7,8 +7,8 @@ from typing import Any, Dict, Optional
 
 from timm.models._hub import generate_readme
 
-from official_sources import OfficialSource
-from timm_san.paper import CITATION, OFFICIAL_CODE_URL, PAPER_RESULTS, PAPER_URL
+from ..paper import CITATION, OFFICIAL_CODE_URL, PAPER_RESULTS, PAPER_URL
+from .sources import OfficialSource
 
 __all__ = ['model_card_text']
 
@@ -58,7 +58,7 @@ def model_card_text(
         source_sha256: str,
         num_params: int,
         checkpoint_extra: Optional[Dict[str, Any]] = None,
-        converter: str = 'timm-san hub/convert.py',
+        converter: str = 'timm-san convert',
 ) -> str:
     """The model card of one converted checkpoint.
 
@@ -83,7 +83,7 @@ def model_card_text(
     weights = {
         'Converted from': f'the official checkpoint `{source_file_name}` ({source.official_path} in the release)',
         'Source sha256': f'`{source_sha256}`',
-        'Official release': source.url,
+        'Official release': source.release_folder + (f' (this file: {source.url})' if source.drive_file_id else ''),
         'Recorded in the checkpoint': recorded or 'nothing besides the weights',
         'Conversion': f'{converter}: weights unchanged (DataParallel `module.` prefix dropped), saved as safetensors; '
                       f'outputs checked equal to the checkpoint\'s before writing',
