@@ -37,8 +37,7 @@ sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.join(_ROOT, 'tests'))
 import timm_san  # noqa: F401,E402  (registers the SAN models)
 from reference import randomize_  # noqa: E402
-from timm_san import fusable  # noqa: E402
-from timm_san.sam import SelfAttention  # noqa: E402
+from timm_san import ops  # noqa: E402
 
 LAYERS = {'san10': (2, 1, 2, 4, 1), 'san15': (3, 2, 3, 5, 2), 'san19': (3, 3, 4, 6, 3)}
 KERNELS = (3, 7, 7, 7, 7)
@@ -130,13 +129,11 @@ def timed(fn: Callable[[], None], repeat: int) -> float:
 class Bench:
     """Eval and training closures of one model.
 
-    ``recompute`` sets timm_san's attention recomputation in training; ``fuse_on_cuda`` lets its CPU eval fusions
-    run on CUDA too (by default they do not).
+    ``kernels`` is the ``timm_san.ops.use_kernels`` setting the closures run under.
     """
 
-    def __init__(self, model: nn.Module, batch: int, autocast: bool, recompute: bool = True,
-                 fuse_on_cuda: bool = False):
-        self.model, self.autocast, self.recompute, self.fuse_on_cuda = model, autocast, recompute, fuse_on_cuda
+    def __init__(self, model: nn.Module, batch: int, autocast: bool, kernels: str = 'all'):
+        self.model, self.autocast, self.kernels = model, autocast, kernels
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch, 3, 224, 224, generator=gen).cuda()
@@ -144,19 +141,17 @@ class Bench:
 
     def infer(self) -> None:
         self.model.eval()
-        fusable.EVAL_FUSION_DEVICES = ('cpu', 'cuda') if self.fuse_on_cuda else ('cpu',)
-        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.autocast), \
+                ops.use_kernels(self.kernels):
             self.model(self.x)
 
     def step(self) -> None:
         self.model.train()
-        for module in self.model.modules():
-            if isinstance(module, SelfAttention):
-                module.recompute = self.recompute
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.autocast):
-            loss = F.cross_entropy(self.model(self.x), self.y)
-        loss.backward()
+        with ops.use_kernels(self.kernels):
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=self.autocast):
+                loss = F.cross_entropy(self.model(self.x), self.y)
+            loss.backward()
         self.optimizer.step()
 
     def peak(self) -> Tuple[float, float, float]:
@@ -198,10 +193,8 @@ def main() -> None:
         rows: List[Tuple[str, Bench]] = [
             ('official (CuPy kernels, fp32)', Bench(official, args.batch, False)),
             ('timm_san fp32', Bench(ours, args.batch, False)),
-            ('timm_san fp32, no recompute', Bench(ours, args.batch, False, recompute=False)),
-            ('timm_san fp32, CPU eval fusions forced', Bench(ours, args.batch, False, fuse_on_cuda=True)),
+            ('timm_san fp32, reference kernels', Bench(ours, args.batch, False, kernels='reference')),
             ('timm_san bf16 autocast', Bench(ours, args.batch, True)),
-            ('timm_san bf16 autocast, no recompute', Bench(ours, args.batch, True, recompute=False)),
         ]
         times: Dict[str, Dict[str, List[float]]] = {label: {'eval': [], 'train': []} for label, _ in rows}
         for _, bench in rows:

@@ -2,7 +2,7 @@
 
 Times forward and forward + backward of every operator at the shapes SAN10 gives it at a 224 px input (stage
 width ``planes``: relation maps ``planes / 16``, aggregated maps ``planes / 4``, weight channels a further ``/ 8``),
-once through the Triton kernels and once with ``timm_san.ops_triton.ENABLED`` off (the PyTorch operators), and
+once through the Triton kernels and once under ``timm_san.ops.use_kernels('reference')`` (the reference), and
 prints a markdown table of median milliseconds (``triton.testing.do_bench``) and speedups.
 
     python benchmarks/ops_cuda.py                      # batch 32, stages 0-4, fp32 and bf16
@@ -17,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from timm_san import ops, ops_triton
+from timm_san import ops
+from timm_san.kernels import triton as triton_kernels
 
 # SAN10 at 224 px: (stage width, footprint side, map side)
 STAGES = [(64, 3, 112), (256, 7, 56), (512, 7, 28), (1024, 7, 14), (2048, 7, 7)]
@@ -87,13 +88,12 @@ def _measure(op: str, inputs: List[torch.Tensor], kernel_size: int, args: argpar
 def _difference(op: str, inputs: List[torch.Tensor], kernel_size: int) -> float:
     """Largest difference of the Triton and PyTorch outputs and input gradients, relative to the largest value."""
     results = []
-    for enabled in (True, False):
-        ops_triton.ENABLED = enabled
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        out = _call(op, leaves, kernel_size)
-        out.backward(torch.ones_like(out))
+    for kernels in ('all', 'reference'):
+        with ops.use_kernels(kernels):
+            leaves = [t.detach().clone().requires_grad_() for t in inputs]
+            out = _call(op, leaves, kernel_size)
+            out.backward(torch.ones_like(out))
         results.append([out.detach().float()] + [t.grad.float() for t in leaves])
-    ops_triton.ENABLED = True
     return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(*results))
 
 
@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit('ops_cuda.py times CUDA kernels: no CUDA device is available here.')
-    if not ops_triton.AVAILABLE:
+    if not triton_kernels.AVAILABLE:
         raise SystemExit('ops_cuda.py compares the Triton kernels with the PyTorch operators: Triton is not installed.')
     import triton
     print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, '
@@ -113,14 +113,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for op in args.ops:
             for dtype in args.dtypes:
                 inputs, kernel_size, shape = _inputs(op, stage, args.batch, dtype)
-                ops_triton.CALLS.clear()
-                ops_triton.ENABLED = True
+                if ops.select_kernel(op, inputs[0]) != 'triton':
+                    print(f'warning: {op} does not reach the Triton kernels', file=sys.stderr)
                 fast = _measure(op, inputs, kernel_size, args)
-                if not ops_triton.CALLS:
-                    print(f'warning: {op} did not reach the Triton kernels', file=sys.stderr)
-                ops_triton.ENABLED = False
-                plain = _measure(op, inputs, kernel_size, args)
-                ops_triton.ENABLED = True
+                with ops.use_kernels('reference'):
+                    plain = _measure(op, inputs, kernel_size, args)
                 diff = _difference(op, inputs, kernel_size)
                 cells = [str(stage), op, f'{shape}, k {kernel_size}', dtype]
                 for mode in ('fwd', 'fwd+bwd'):

@@ -1,5 +1,5 @@
-""" Interleaved A/B of the CPU training step of a SAN model: the fused training operator of ``timm_san.ops_train``
-(new) against the recomputation path it replaces (old), with a timm reference model for the ratios
+""" Interleaved A/B of the CPU training step of a SAN model: its CPU kernels (new) against the reference kernels
+(old, ``timm_san.ops.use_kernels('reference')``), with a timm reference model for the ratios
 
     python benchmarks/train_ab.py --models san10_pairwise --threads 1 --rounds 5
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import timm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import timm_san.sam as sam_module  # noqa: E402
+from timm_san import ops  # noqa: E402
 from bench import cpu_peak_bytes  # noqa: E402
 
 
@@ -34,15 +34,10 @@ class Step:
         self.target = torch.randint(0, 1000, (batch,), generator=gen)
 
     def __call__(self) -> None:
-        original = sam_module.train_supported
-        if not self.fused:
-            sam_module.train_supported = lambda *args: False
-        try:
+        with ops.use_kernels('all' if self.fused else 'reference'):
             self.optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(self.model(self.x), self.target).backward()
             self.optimizer.step()
-        finally:
-            sam_module.train_supported = original
 
 
 def main() -> None:
