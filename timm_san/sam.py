@@ -28,14 +28,18 @@ def fold_batch_stats(
         momentum: Optional[float],
         mean: torch.Tensor,
         var: torch.Tensor,
+        samples: int,
 ) -> None:
     """What a BatchNorm's training forward does to its running statistics, given the batch's mean and unbiased
-    variance (nothing where it tracks none; momentum None: the cumulative average)."""
+    variance over ``samples`` samples (nothing where it tracks none; an empty batch is only counted; momentum
+    None: the cumulative average)."""
     if running_mean is None or running_var is None:
         return
-    mean, var = mean.detach().to(running_mean.dtype), var.detach().to(running_var.dtype)
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
+    if samples == 0:
+        return
+    mean, var = mean.detach().to(running_mean.dtype), var.detach().to(running_var.dtype)
     if momentum is None:
         assert num_batches_tracked is not None
         factor = 1.0 / num_batches_tracked
@@ -145,11 +149,11 @@ class SelfAttention(nn.Module):
             planes = map1.weight.shape[1]
             fold_batch_stats(
                 bn1.running_mean, bn1.running_var, bn1.num_batches_tracked, bn1.momentum, stats[:planes],
-                stats[planes:2 * planes])
+                stats[planes:2 * planes], x.shape[0])
             stats = stats[2 * planes:]
         if batch_stats2:
             planes = map1.weight.shape[0]
             fold_batch_stats(
                 bn2.running_mean, bn2.running_var, bn2.num_batches_tracked, bn2.momentum, stats[:planes],
-                stats[planes:2 * planes])
+                stats[planes:2 * planes], x.shape[0])
         return out

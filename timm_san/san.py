@@ -315,14 +315,15 @@ class SAN(nn.Module):
         bn = self.bn_in
         # as nn.BatchNorm2d decides it; a norm without momentum (timm's FrozenBatchNorm2d) keeps its statistics
         batch_stats = (bn.training and hasattr(bn, 'momentum')) or bn.running_mean is None
-        x, stats = stem(
+        out, stats = stem(
             x, self.conv_in.weight, self.conv_in.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps,
             batch_stats)
         if batch_stats:
             planes = self.conv_in.weight.shape[0]
             fold_batch_stats(
-                bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, stats[:planes], stats[planes:])
-        return x
+                bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, stats[:planes], stats[planes:],
+                x.shape[0])
+        return out
 
     def _forward_stages(
             self, x: torch.Tensor, last: int, take_indices: List[int]) -> Tuple[torch.Tensor, List[torch.Tensor]]:

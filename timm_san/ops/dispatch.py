@@ -41,22 +41,24 @@ _ENV = 'TIMM_SAN_KERNELS'
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CPU_TRAIN_DTYPES = (torch.float32, torch.float64)
 
-KernelSpec = Union[str, Iterable[str]]
+KernelSpec = Union[None, str, Iterable[str]]
 
 
 def _parse(spec: KernelSpec) -> FrozenSet[str]:
     """The set of backends a ``TIMM_SAN_KERNELS`` / ``set_kernels`` value allows; a clear error for anything else."""
+    if spec is None:
+        spec = 'all'
     names = [s.strip() for s in spec.split(',')] if isinstance(spec, str) else [str(s).strip() for s in spec]
     names = [n.lower() for n in names if n]
-    if names in (['all'], ['auto']):
+    if names in ([], ['all']):  # an empty TIMM_SAN_KERNELS is an unset one
         return frozenset(BACKENDS)
-    if names in ([], ['reference'], ['none']):
+    if names == ['reference']:
         return frozenset()
     unknown = [n for n in names if n not in BACKENDS]
     if unknown:
         raise ValueError(
-            f'Unknown SAN kernel backend(s) {unknown}: use "all", "reference", or a comma-separated list of '
-            f'{", ".join(BACKENDS)} (set through {_ENV} or timm_san.ops.set_kernels).')
+            f'Unknown SAN kernel backend(s) {unknown} in {spec!r}: use "all" or "reference" alone, or a '
+            f'comma-separated list of {", ".join(BACKENDS)} (set through {_ENV} or timm_san.ops.set_kernels).')
     return frozenset(names)
 
 
