@@ -264,8 +264,8 @@ def test_amp_bf16_ema_grad_checkpointing_and_resume(scripts, data, tmp_path):
 
 
 def test_paper_recipe_flags(scripts, data, tmp_path):
-    # the README's ImageNet command, scaled down: its optimizer and schedule flags as they are; through the
-    # launcher (no --device-modules), which the README says works for train.py too
+    # docs/training.md's ImageNet command, scaled down: its optimizer and schedule flags as they are; through the
+    # launcher (no --device-modules), which docs/training.md says works for train.py too
     recipe = (
         '--num-classes', '3', '--sched', 'cosine', '--warmup-epochs', '0', '--cooldown-epochs', '0', '--min-lr', '0',
         '--opt', 'momentum', '--momentum', '0.9', '--lr-base', '0.1', '--lr-base-size', '256',
@@ -284,7 +284,7 @@ def test_paper_recipe_flags(scripts, data, tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get('TIMM_SAN_TEST_COMPILE'), reason='set TIMM_SAN_TEST_COMPILE=1 to try '
-                    'train.py --torchcompile on CPU (Inductor took over 30 minutes on the training step; see README)')
+                    'train.py --torchcompile on CPU (Inductor took over 30 minutes on the training step; see docs/training.md)')
 def test_torchcompile(scripts, data, tmp_path):
     # training step and evaluation (train.py compiles the model it validates with, too)
     folder, log = _train(
