@@ -5,7 +5,6 @@ confirms) and under ``ops.use_kernels('reference')``. The reference itself is ch
 network in test_parity.py and test_sam.py.
 """
 import copy
-import logging
 
 import pytest
 import torch
@@ -30,21 +29,6 @@ def _rand(*shape, seed=0, dtype=torch.float64):
 def _sam(sa_type: str, planes: int, kernel_size: int, seed: int = 0) -> SelfAttention:
     module = SelfAttention(sa_type, planes, max(1, planes // 16), planes // 4, share_planes=8, kernel_size=kernel_size)
     return randomize_(module, seed=seed).double()
-
-
-@pytest.fixture
-def kernels_run(caplog):
-    """The kernels the operators ran since the last look, as the dispatch's debug log names them:
-    ``[[operator, kernel], ...]``."""
-    caplog.set_level(logging.DEBUG, logger='timm_san.ops')
-
-    def names(op: str = 'attention'):
-        messages = [r.getMessage() for r in caplog.records if r.name == 'timm_san.ops']
-        caplog.clear()
-        return [m.split(' kernel')[0].split(': ') for m in messages if op in m.split(':')[0]]
-
-    yield names
-    caplog.clear()
 
 
 def _kernels(runs) -> set:

@@ -5,7 +5,6 @@ One model of each kind (``san10_pairwise``, ``san10_patchwise``) with random wei
 eval mode, on small inputs. Every captured program is run at batch sizes and image sizes other than those it was
 captured with and compared with the eager model, as ``max |got - eager| / max |eager|``.
 """
-import logging
 
 import pytest
 import torch
@@ -44,21 +43,6 @@ def _assert_matches(got: torch.Tensor, expected: torch.Tensor, rel: float = REL)
 def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x)
-
-
-@pytest.fixture
-def kernels_run(caplog):
-    """The kernels the attention operators ran since the last look, as the dispatch's debug log names them:
-    ``[[operator, kernel], ...]``."""
-    caplog.set_level(logging.DEBUG, logger='timm_san.ops')
-
-    def names(op: str = 'attention'):
-        messages = [r.getMessage() for r in caplog.records if r.name == 'timm_san.ops']
-        caplog.clear()
-        return [m.split(' kernel')[0].split(': ') for m in messages if op in m.split(':')[0]]
-
-    yield names
-    caplog.clear()
 
 
 # --- torch.export

@@ -1,6 +1,5 @@
 """The switch that picks the operators' kernels: ``set_kernels``, ``use_kernels``, ``TIMM_SAN_KERNELS`` and
 ``select_kernel``, seen through the dispatch's debug log and through what the models compute."""
-import logging
 import os
 import subprocess
 import sys
@@ -28,21 +27,6 @@ def all_kernels():
     ops.set_kernels('all')
     yield
     ops.set_kernels(sorted(previous) or 'reference')
-
-
-@pytest.fixture
-def kernels_run(caplog):
-    """The kernels the attention operators ran since the last look, as the dispatch's debug log names them:
-    ``[[operator, kernel], ...]``."""
-    caplog.set_level(logging.DEBUG, logger='timm_san.ops')
-
-    def names(op: str = 'attention'):
-        messages = [r.getMessage() for r in caplog.records if r.name == 'timm_san.ops']
-        caplog.clear()
-        return [m.split(' kernel')[0].split(': ') for m in messages if op in m.split(':')[0]]
-
-    yield names
-    caplog.clear()
 
 
 def _sam_eval(sa_type: str = 'pairwise') -> None:

@@ -1,6 +1,5 @@
 """The 1x1 conv, 2x2 max-pool and stem operators: CPU kernels against PyTorch's own layers, forward and backward."""
 import copy
-import logging
 
 import pytest
 import torch
@@ -19,19 +18,6 @@ def _rand(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-@pytest.fixture
-def kernels_run(caplog):
-    """The kernels the operators named in the dispatch's debug log since the last look: ``{operator: kernel}``."""
-    caplog.set_level(logging.DEBUG, logger='timm_san.ops')
-
-    def names():
-        runs = dict(r.getMessage().split(' kernel')[0].split(': ') for r in caplog.records if r.name == 'timm_san.ops')
-        caplog.clear()
-        return runs
-
-    return names
-
-
 @pytest.mark.parametrize('size', [(10, 12), (3, 4)])  # matmuls, and the conv below MATMUL_MIN_SPATIAL
 @pytest.mark.parametrize('bias', [True, False])
 def test_conv1x1_forward_and_backward_equal_conv2d(size, bias, kernels_run):
@@ -42,10 +28,10 @@ def test_conv1x1_forward_and_backward_equal_conv2d(size, bias, kernels_run):
     reference = [t.detach().clone().requires_grad_() for t in leaves]
     out = ops.conv1x1(*leaves)
     expected = F.conv2d(*reference)
-    assert kernels_run() == {'conv1x1': 'cpu'}
+    assert dict(kernels_run('')) == {'conv1x1': 'cpu'}
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     out.backward(upstream), expected.backward(upstream)
-    assert kernels_run() == {'conv1x1_backward': 'cpu'}
+    assert dict(kernels_run('')) == {'conv1x1_backward': 'cpu'}
     for got, want in zip(leaves, reference):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12)
 
@@ -70,7 +56,7 @@ def test_half_precision_training_keeps_the_reference_conv_backward(kernels_run):
     x = _rand(2, 3, 10, 10, seed=13, dtype=torch.bfloat16).requires_grad_()
     weight = _rand(4, 3, 1, 1, seed=14, dtype=torch.bfloat16).requires_grad_()
     ops.conv1x1(x, weight).sum().backward()
-    assert kernels_run()['conv1x1_backward'] == 'reference'
+    assert dict(kernels_run(''))['conv1x1_backward'] == 'reference'
 
 
 @pytest.mark.parametrize('size', [(8, 8), (9, 7)])
@@ -78,7 +64,7 @@ def test_max_pool2x2_equals_max_pool2d(size, kernels_run):
     x = _rand(2, 3, *size, seed=15)
     with torch.no_grad():
         torch.testing.assert_close(ops.max_pool2x2(x), F.max_pool2d(x, 2, 2), rtol=0, atol=0)
-    assert kernels_run() == {'max_pool2x2': 'cpu'}
+    assert dict(kernels_run('')) == {'max_pool2x2': 'cpu'}
     # the operator's own backward (PyTorch's gradient: one winner per window, the first on ties)
     flat = torch.zeros(1, 2, *size, dtype=torch.float64)
     a, b = flat.clone().requires_grad_(), flat.clone().requires_grad_()
@@ -104,7 +90,7 @@ def test_stem_equals_conv_bn_relu_pool(size, train, kernels_run):
     x = _rand(2, 3, *size, seed=17)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out, expected = model._stem_pool(xa), modules(xb)
-    assert kernels_run()['stem'] == 'cpu'
+    assert dict(kernels_run(''))['stem'] == 'cpu'
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     upstream = _rand(*out.shape, seed=18)
     out.backward(upstream), expected.backward(upstream)
@@ -145,7 +131,7 @@ def test_model_training_step_runs_the_cpu_kernels_and_matches_the_reference(kern
     x = _rand(2, 3, 64, 64, seed=23)
     torch.manual_seed(0)
     out = model(x)
-    assert set(kernels_run().values()) == {'cpu'}
+    assert set(dict(kernels_run('')).values()) == {'cpu'}
     with ops.use_kernels('reference'):
         torch.manual_seed(0)
         expected = reference(x)
