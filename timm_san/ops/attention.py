@@ -29,6 +29,7 @@ from ..kernels.cpu import attention_eval, attention_train
 from ..kernels.cpu.conv1x1 import conv1x1_split
 from . import primitives
 from .dispatch import autocast_enabled, inline_reference, outside_autocast, select_kernel
+from .grads import owned_grads, vjp_present
 
 __all__ = ['pairwise_attention', 'patchwise_attention', 'ATTENTION_PARAMS']
 
@@ -173,31 +174,10 @@ def _patchwise_reference(
     return gathers.aggregation(x3, weights, kernel_size), _stats(stats, x)
 
 
-def _vjp(fn: Callable, inputs: Sequence[Optional[torch.Tensor]]):
-    """``torch.func.vjp`` of ``fn(*inputs)`` over the inputs that are not None; its pullback returns None for those."""
-    present = [i for i, t in enumerate(inputs) if t is not None]
-
-    def of_present(*tensors: torch.Tensor):
-        full = list(inputs)
-        for i, t in zip(present, tensors):
-            full[i] = t
-        return fn(*full)
-
-    out, pullback = torch.func.vjp(of_present, *[inputs[i] for i in present])
-
-    def pullback_all(grad) -> List[Optional[torch.Tensor]]:
-        grads: List[Optional[torch.Tensor]] = [None] * len(inputs)
-        for i, g in zip(present, pullback(grad)):
-            grads[i] = g
-        return grads
-
-    return out, pullback_all
-
-
 def _convs_backward(
         x: torch.Tensor, convs: Sequence[Optional[torch.Tensor]], grads: List[torch.Tensor],
 ) -> List[Optional[torch.Tensor]]:
-    _, pullback = _vjp(lambda x, *convs: _project(x, convs), [x, *convs])
+    _, pullback = vjp_present(lambda x, *convs: _project(x, convs), [x, *convs])
     return pullback(grads)
 
 
@@ -216,7 +196,7 @@ def _pairwise_reference_backward(
         return _pairwise_weights(
             relation, position_relation, mapping, running, eps1, eps2, batch_stats1, batch_stats2)[0]
 
-    weights, pullback = _vjp(weights_of, [relation, position_relation, *params[_CONVS:]])
+    weights, pullback = vjp_present(weights_of, [relation, position_relation, *params[_CONVS:]])
     grad_x3, grad_weights = primitives.aggregation_backward(grad_out, x3, weights, kernel_size, True, True)
     grad_relation, grad_position_relation, *grad_mapping = pullback(grad_weights)
     assert grad_relation is not None and grad_position_relation is not None
@@ -240,7 +220,7 @@ def _patchwise_reference_backward(
     def weights_of(x1, foot, *mapping):
         return _patchwise_weights(x1, foot, mapping, running, eps1, eps2, batch_stats1, batch_stats2)[0]
 
-    weights, pullback = _vjp(weights_of, [x1, foot, *params[_CONVS:]])
+    weights, pullback = vjp_present(weights_of, [x1, foot, *params[_CONVS:]])
     grad_x3, grad_weights = primitives.aggregation_backward(grad_out, x3, weights, kernel_size, True, True)
     grad_x1, grad_foot, *grad_mapping = pullback(grad_weights)
     assert grad_x1 is not None and grad_foot is not None
@@ -271,12 +251,6 @@ def _stats_size(params: OptionalTensors, batch_stats1: bool, batch_stats2: bool)
     map1_weight = params[_CONVS + 2]
     assert map1_weight is not None
     return 2 * map1_weight.shape[1] * batch_stats1 + 2 * map1_weight.shape[0] * batch_stats2
-
-
-def _owned_grads(like: torch.Tensor, grads: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:
-    """Gradients as an operator may return them: empty for None, each its own tensor (the kernels hand out the
-    parameters' gradients as slices of one buffer; an operator's outputs must not alias)."""
-    return [like.new_empty(0) if g is None else g.clone() if g._base is not None else g for g in grads]
 
 
 @custom_op('timm_san::pairwise_attention', mutates_args=())
@@ -324,7 +298,7 @@ def _pairwise_attention_backward(
     else:
         grads = _pairwise_reference_backward(
             grad_out, x, params, running, position, kernel_size, eps1, eps2, batch_stats1, batch_stats2)
-    return _owned_grads(x, grads)
+    return owned_grads(x, grads)
 
 
 @_pairwise_attention_backward.register_fake
@@ -404,7 +378,7 @@ def _patchwise_attention_backward(
     else:
         grads = _patchwise_reference_backward(
             grad_out, x, params, running, kernel_size, eps1, eps2, batch_stats1, batch_stats2)
-    return _owned_grads(x, grads)
+    return owned_grads(x, grads)
 
 
 @_patchwise_attention_backward.register_fake

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from torch.library import custom_op
 
-from ..kernels.cpu import conv1x1 as cpu_conv1x1
 from ..kernels.common import bn_scale_shift, input_moments
-from ..kernels.cpu import stem_eval, stem_train
+from ..kernels.cpu import conv1x1 as cpu_conv1x1, stem_eval, stem_train
 from .dispatch import autocast_enabled, inline_reference, outside_autocast, select_kernel
+from .grads import owned_grads, vjp_present
 
 __all__ = ['conv1x1', 'max_pool2x2', 'stem']
 
@@ -219,19 +219,10 @@ def _stem_backward(
             grad, x, out, argmax, weight, bn_weight, eps, input_grad)
         grads = [grad_x, grad_weight, None, grad_bn_weight, grad_bn_bias]
     else:
-        present = [i for i, t in enumerate(inputs) if t is not None]
-
-        def stem_of(*tensors):
-            full = list(inputs)
-            for i, t in zip(present, tensors):
-                full[i] = t
-            return _stem_reference(*full, running_mean, running_var, eps, batch_stats)
-
-        _, pullback = torch.func.vjp(stem_of, *[inputs[i] for i in present])
-        grads = [None] * len(inputs)
-        for i, g in zip(present, pullback(grad)):
-            grads[i] = g
-    return [x.new_empty(0) if g is None else g.clone() if g._base is not None else g for g in grads]
+        _, pullback = vjp_present(
+            lambda *tensors: _stem_reference(*tensors, running_mean, running_var, eps, batch_stats), inputs)
+        grads = pullback(grad)
+    return owned_grads(x, grads)
 
 
 @_stem_backward.register_fake
