@@ -1,7 +1,7 @@
 """The attention operators' CPU kernels (eval and training) against their reference kernel, chosen by the switch.
 
-Every comparison runs one module twice: with the kernels the dispatch picks (the CPU ones here, as the debug log
-confirms) and under ``ops.use_kernels('reference')``. The reference itself is checked against the official
+Every comparison runs one module twice: on a CPU backend (``cpp``, the compiled kernels, and ``cpu``, each in turn
+through the ``backend`` fixture; the debug log confirms which ran) and under ``ops.use_kernels('reference')``. The reference itself is checked against the official
 network in test_parity.py and test_sam.py.
 """
 import copy
@@ -39,13 +39,13 @@ def _kernels(runs) -> set:
 
 @pytest.mark.parametrize('sa_type', SA_TYPES)
 @pytest.mark.parametrize('kernel_size,size', [(3, (5, 6)), (7, (8, 9)), (7, (3, 2)), (5, (1, 1)), (7, (4, 30))])
-def test_eval_kernel_equals_the_reference(sa_type, kernel_size, size, kernels_run):
+def test_eval_kernel_equals_the_reference(sa_type, kernel_size, size, kernels_run, backend):
     # (4, 30): wider than the row-extended grid's limit; the others take it
     module = _sam(sa_type, 32, kernel_size).eval()
     x = _rand(3, 32, *size, seed=1)
     with torch.no_grad():
         out = module(x)
-        assert _kernels(kernels_run()) == {'cpu'}
+        assert _kernels(kernels_run()) == {backend}
         with ops.use_kernels('reference'):
             expected = module(x)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
@@ -53,7 +53,7 @@ def test_eval_kernel_equals_the_reference(sa_type, kernel_size, size, kernels_ru
 
 @pytest.mark.parametrize('sa_type', SA_TYPES)
 @pytest.mark.parametrize('size', [(60, 60), (150, 28)])
-def test_eval_kernel_in_uneven_sample_chunks(sa_type, size):
+def test_eval_kernel_in_uneven_sample_chunks(sa_type, size, backend):
     # with one thread, a sample's weights (49 * H * W here) fill half the chunk budget: batches of 3 run as
     # chunks of 2 and 1, on the plain aggregation (60 wide) and on the row-extended grid (28 wide)
     module = _sam(sa_type, 32, 7, seed=2).eval()
@@ -71,13 +71,13 @@ def test_eval_kernel_in_uneven_sample_chunks(sa_type, size):
 
 
 @pytest.mark.parametrize('sa_type', SA_TYPES)
-def test_eval_kernel_is_differentiable(sa_type, kernels_run):
+def test_eval_kernel_is_differentiable(sa_type, kernels_run, backend):
     # an eval-mode model asked for input gradients: the CPU forward, the reference's recomputing backward
     module = _sam(sa_type, 32, 7, seed=4).eval()
     x = _rand(2, 32, 6, 7, seed=5)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = module(xa)
-    assert _kernels(kernels_run()) == {'cpu'}
+    assert _kernels(kernels_run()) == {backend}
     reference = copy.deepcopy(module)
     with ops.use_kernels('reference'):
         expected = reference(xb)
@@ -89,13 +89,13 @@ def test_eval_kernel_is_differentiable(sa_type, kernels_run):
 
 @pytest.mark.parametrize('name', ['san10_pairwise', 'san10_patchwise'])
 @pytest.mark.parametrize('size', [(64, 64), (96, 72)])
-def test_model_eval_kernels_equal_the_reference(name, size, kernels_run):
+def test_model_eval_kernels_equal_the_reference(name, size, kernels_run, backend):
     model = randomize_(SAN(sa_type=name.split('_')[1], layers=(1, 1, 1, 1, 1), num_classes=10), seed=7)
     model = model.double().eval()
     x = _rand(2, 3, *size, seed=8)
     with torch.no_grad():
         out, feats = model(x), model.forward_intermediates(x, intermediates_only=True)
-        assert _kernels(kernels_run()) == {'cpu'}
+        assert _kernels(kernels_run()) == {backend}
         with ops.use_kernels('reference'):
             expected, expected_feats = model(x), model.forward_intermediates(x, intermediates_only=True)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-12)
@@ -105,12 +105,13 @@ def test_model_eval_kernels_equal_the_reference(name, size, kernels_run):
 
 # --- training
 
-def _assert_step_equal(module: nn.Module, reference: nn.Module, x: torch.Tensor, seed: int, kernels_run) -> None:
+def _assert_step_equal(module: nn.Module, reference: nn.Module, x: torch.Tensor, seed: int, kernels_run,
+                       backend: str) -> None:
     """One training step of both modules, the second on the reference kernels: outputs, gradients, buffers."""
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     kernels_run()  # from here on
     out = module(xa)
-    assert _kernels(kernels_run()) == {'cpu'}
+    assert _kernels(kernels_run()) == {backend}
     with ops.use_kernels('reference'):
         expected = reference(xb)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
@@ -129,16 +130,17 @@ def _assert_step_equal(module: nn.Module, reference: nn.Module, x: torch.Tensor,
     (32, 3, (9, 10)), (64, 7, (9, 10)), (32, 7, (5, 5)), (64, 7, (3, 2)), (32, 3, (1, 1)),
     (256, 7, (32, 33)),  # several chunks of footprint rows; large enough maps for the shifted-add scatter
 ])
-def test_two_training_steps_equal_the_reference(sa_type, planes, kernel_size, size, kernels_run):
+def test_two_training_steps_equal_the_reference(sa_type, planes, kernel_size, size, kernels_run, backend):
     module = _sam(sa_type, planes, kernel_size).train()
     reference = copy.deepcopy(module)
     for step in range(2):
-        _assert_step_equal(module, reference, _rand(3, planes, *size, seed=10 + step), 20 + step, kernels_run)
+        _assert_step_equal(
+            module, reference, _rand(3, planes, *size, seed=10 + step), 20 + step, kernels_run, backend)
     assert module.conv_w[0].num_batches_tracked.item() == 12345 + 2
 
 
 @pytest.mark.parametrize('sa_type', SA_TYPES)
-def test_cumulative_average_non_affine_bn_and_biases(sa_type, kernels_run):
+def test_cumulative_average_non_affine_bn_and_biases(sa_type, kernels_run, backend):
     module = _sam(sa_type, 64, 7, seed=3).train()
     mapping_in, hidden = module.conv_w[2].in_channels, module.conv_w[2].out_channels
     module.conv_w[0] = nn.BatchNorm2d(mapping_in, momentum=None, affine=False).double()
@@ -148,19 +150,19 @@ def test_cumulative_average_non_affine_bn_and_biases(sa_type, kernels_run):
     randomize_(module, seed=4)
     reference = copy.deepcopy(module)
     for step in range(2):
-        _assert_step_equal(module, reference, _rand(2, 64, 6, 7, seed=30 + step), 40 + step, kernels_run)
+        _assert_step_equal(module, reference, _rand(2, 64, 6, 7, seed=30 + step), 40 + step, kernels_run, backend)
 
 
 @pytest.mark.parametrize('sa_type', SA_TYPES)
-def test_channels_last_input_and_module(sa_type, kernels_run):
+def test_channels_last_input_and_module(sa_type, kernels_run, backend):
     module = _sam(sa_type, 64, 7, seed=11).train().to(memory_format=torch.channels_last)
     reference = copy.deepcopy(module)
     x = _rand(2, 64, 9, 10, seed=12).to(memory_format=torch.channels_last)
-    _assert_step_equal(module, reference, x, 13, kernels_run)
+    _assert_step_equal(module, reference, x, 13, kernels_run, backend)
 
 
 @pytest.mark.parametrize('sa_type', SA_TYPES)
-def test_float32_training_stays_close_to_the_reference(sa_type):
+def test_float32_training_stays_close_to_the_reference(sa_type, backend):
     module = _sam(sa_type, 64, 7, seed=5).float().train()
     reference = copy.deepcopy(module)
     x = _rand(2, 64, 12, 11, seed=6, dtype=torch.float32) * 3 + 1
@@ -187,7 +189,7 @@ def _attention_inputs(sa_type: str, seed: int):
 
 
 @pytest.mark.parametrize('sa_type', SA_TYPES)
-@pytest.mark.parametrize('kernels', ['all', 'reference'])
+@pytest.mark.parametrize('kernels', ['cpp', 'cpu', 'reference'])
 @pytest.mark.parametrize('batch_stats', [True, False])
 def test_gradcheck(sa_type, kernels, batch_stats):
     params, running = _attention_inputs(sa_type, seed=8)
@@ -208,13 +210,13 @@ def test_gradcheck(sa_type, kernels, batch_stats):
 
 
 @pytest.mark.parametrize('name', ['san10_pairwise', 'san10_patchwise'])
-def test_san10_training_step_equals_the_official_network(name, kernels_run):
+def test_san10_training_step_equals_the_official_network(name, kernels_run, backend):
     ref = randomize_(official_model(name, pad_fn=repeated_reflect_pad), seed=12).double().train()
     model = timm.create_model(name).double().train()
     model.load_state_dict(ref.state_dict())
     x = _rand(2, 3, 64, 64, seed=13)
     out, expected = model(x), ref(x)
-    assert kernels_run() == [[f'{name.split("_")[1]}_attention', 'cpu']] * 10  # every SAM of the network
+    assert kernels_run() == [[f'{name.split("_")[1]}_attention', backend]] * 10  # every SAM of the network
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
     out.square().mean().backward(), expected.square().mean().backward()
     assert_grads_close(model, ref, rtol=1e-8, atol=1e-11)
@@ -222,7 +224,7 @@ def test_san10_training_step_equals_the_official_network(name, kernels_run):
 
 
 @pytest.mark.parametrize('sa_type', SA_TYPES)
-@pytest.mark.parametrize('kernels', ['all', 'reference'])
+@pytest.mark.parametrize('kernels', ['cpp', 'cpu', 'reference'])
 def test_one_value_per_channel_is_refused_as_batchnorm_does(sa_type, kernels):
     module = _sam(sa_type, 32, 1).train()
     with ops.use_kernels(kernels), pytest.raises(ValueError, match='more than 1 value per channel'):

@@ -39,9 +39,9 @@ def _sam_eval(sa_type: str = 'pairwise') -> None:
 # --- use_kernels
 
 @pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
-def test_default_on_cpu_float32_eval_is_the_cpu_kernel(sa_type, kernels_run):
+def test_default_on_cpu_float32_eval_is_the_compiled_kernel(sa_type, kernels_run):
     _sam_eval(sa_type)
-    assert kernels_run() == [[f'{sa_type}_attention', 'cpu']]
+    assert kernels_run() == [[f'{sa_type}_attention', 'cpp']]
 
 
 def test_use_kernels_reference_for_a_block(kernels_run):
@@ -51,7 +51,7 @@ def test_use_kernels_reference_for_a_block(kernels_run):
         assert kernels_run() == [['pairwise_attention', 'reference']]
     assert ops.enabled_kernels() == frozenset(ops.BACKENDS)
     _sam_eval()
-    assert kernels_run() == [['pairwise_attention', 'cpu']]
+    assert kernels_run() == [['pairwise_attention', 'cpp']]
 
 
 def test_use_kernels_restores_the_setting_after_an_exception(kernels_run):
@@ -80,9 +80,9 @@ def test_use_kernels_nests():
 # --- set_kernels
 
 @pytest.mark.parametrize('spec,enabled', [
-    ('all', {'cpu', 'triton'}), ('reference', set()), ('cpu', {'cpu'}), ('triton', {'triton'}),
-    ('cpu,triton', {'cpu', 'triton'}), ('triton, cpu', {'cpu', 'triton'}), (['triton'], {'triton'}),
-    (('cpu', 'triton'), {'cpu', 'triton'}), ('CPU', {'cpu'}),
+    ('all', {'cpp', 'cpu', 'triton'}), ('reference', set()), ('cpu', {'cpu'}), ('cpp', {'cpp'}),
+    ('triton', {'triton'}), ('cpu,triton', {'cpu', 'triton'}), ('triton, cpu', {'cpu', 'triton'}),
+    (['triton'], {'triton'}), (('cpu', 'triton'), {'cpu', 'triton'}), ('CPU', {'cpu'}), ('cpp,cpu', {'cpp', 'cpu'}),
 ])
 def test_set_kernels_accepts(spec, enabled):
     ops.set_kernels('reference' if enabled else 'all')  # a change to see
@@ -99,7 +99,7 @@ def test_set_kernels_refuses(spec, bad):
         ops.set_kernels(spec)
     message = str(info.value)
     assert repr(bad) in message
-    for allowed in ('"all"', '"reference"', 'cpu', 'triton'):
+    for allowed in ('"all"', '"reference"', 'cpp', 'cpu', 'triton'):
         assert allowed in message
     assert ops.enabled_kernels() == frozenset({'cpu'})  # unchanged
 
@@ -158,7 +158,8 @@ def _attention_kernels(stdout: str) -> list:
             if line.startswith('timm_san.ops pairwise_attention: ')]
 
 
-@pytest.mark.parametrize('case,enabled,kernel', [('reference', [], 'reference'), ('unset', ['cpu', 'triton'], 'cpu')])
+@pytest.mark.parametrize('case,enabled,kernel', [
+    ('reference', [], 'reference'), ('unset', ['cpp', 'cpu', 'triton'], 'cpp')])
 def test_environment_variable_chooses_the_kernels(runs_with_env, case, enabled, kernel):
     returncode, stdout, stderr = runs_with_env[case]
     assert returncode == 0, stderr
@@ -178,10 +179,13 @@ def test_invalid_environment_variable_fails_the_import(runs_with_env):
 # --- select_kernel
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-def test_select_cpu_for_cpu_eval_and_float_training(dtype):
+def test_select_cpp_then_cpu_for_cpu_eval_and_float_training(dtype):
     x = torch.ones(1, 2, 3, 3, dtype=dtype)
-    assert ops.select_kernel('op', x) == 'cpu'
-    assert ops.select_kernel('op', x, training=True) == 'cpu'
+    assert ops.select_kernel('op', x) == 'cpp'
+    assert ops.select_kernel('op', x, training=True) == 'cpp'
+    assert ops.select_kernel('op', x, training=True, backends=('cpu',)) == 'cpu'
+    with ops.use_kernels('cpu'):
+        assert ops.select_kernel('op', x) == 'cpu'
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
@@ -210,7 +214,7 @@ def test_select_respects_the_switch_and_the_operators_backends(kernels_run):
         assert ops.select_kernel('op', x) == 'reference'
     kernels_run()
     ops.select_kernel('my_op', x, training=True)
-    assert kernels_run('my_op') == [['my_op', 'cpu']]
+    assert kernels_run('my_op') == [['my_op', 'cpp']]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -228,14 +232,44 @@ def test_select_triton_only_for_cuda_tensors():
 # --- the kernels compute the same
 
 @pytest.mark.parametrize('name', ['san10_pairwise', 'san10_patchwise'])
-def test_cpu_and_reference_kernels_agree_in_float64(name, kernels_run):
+def test_cpu_backends_and_reference_kernels_agree_in_float64(name, kernels_run, backend):
     model = randomize_(timm.create_model(name, num_classes=10), seed=5).double().eval()
     x = _rand(2, 3, 64, 32, seed=6, dtype=torch.float64)
     with torch.no_grad():
         out = model(x)
-        assert {kernel for _, kernel in kernels_run()} == {'cpu'}
+        assert {kernel for _, kernel in kernels_run()} == {backend}
         with ops.use_kernels('reference'):
             expected = model(x)
         assert {kernel for _, kernel in kernels_run()} == {'reference'}
     error = ((out - expected).abs().max() / expected.abs().max()).item()
     assert error < 1e-9, error
+
+
+# --- without the compiled kernels
+
+_NO_COMPILER = """
+import logging, sys
+import torch, timm
+import timm_san
+logging.basicConfig(stream=sys.stdout, format='%(name)s %(levelname)s %(message)s', level=logging.WARNING)
+logging.getLogger('timm_san.ops').setLevel(logging.DEBUG)
+model = timm.create_model('san10_patchwise', num_classes=10).eval()
+with torch.no_grad():
+    model(torch.randn(1, 3, 32, 32))
+"""
+
+
+def test_without_a_compiler_the_cpu_backend_runs_and_the_log_says_why(tmp_path):
+    # no compiler on PATH, an empty cache: the dispatch falls back, warns once, and names the reason in its log
+    env = dict(os.environ, PATH=str(tmp_path), TIMM_SAN_CPP_CACHE=str(tmp_path / 'cache'))
+    env.pop('CXX', None)
+    result = subprocess.run([sys.executable, '-c', _NO_COMPILER], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    warnings = [ln for ln in lines if 'WARNING' in ln]
+    assert len(warnings) == 1 and 'no C++ compiler found' in warnings[0], warnings
+    attention = [ln for ln in lines if 'patchwise_attention:' in ln]
+    assert len(attention) == 10
+    assert all('cpu kernel' in ln and 'cpp unavailable: no C++ compiler found' in ln for ln in attention), attention
+    assert not (tmp_path / 'cache').exists() or not any((tmp_path / 'cache').rglob('*.so'))

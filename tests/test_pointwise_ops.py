@@ -1,4 +1,7 @@
-"""The 1x1 conv, 2x2 max-pool and stem operators: CPU kernels against PyTorch's own layers, forward and backward."""
+"""The 1x1 conv, 2x2 max-pool and stem operators: CPU kernels against PyTorch's own layers, forward and backward.
+
+The pool and the stem have kernels on both CPU backends (``cpp`` and ``cpu``, each in turn through the ``backend``
+fixture); the 1x1 conv on ``cpu`` alone (matmuls)."""
 import copy
 
 import pytest
@@ -60,15 +63,21 @@ def test_half_precision_training_keeps_the_reference_conv_backward(kernels_run):
 
 
 @pytest.mark.parametrize('size', [(8, 8), (9, 7)])
-def test_max_pool2x2_equals_max_pool2d(size, kernels_run):
+def test_max_pool2x2_equals_max_pool2d(size, kernels_run, backend):
     x = _rand(2, 3, *size, seed=15)
-    with torch.no_grad():
-        torch.testing.assert_close(ops.max_pool2x2(x), F.max_pool2d(x, 2, 2), rtol=0, atol=0)
-    assert dict(kernels_run('')) == {'max_pool2x2': 'cpu'}
-    # the operator's own backward (PyTorch's gradient: one winner per window, the first on ties)
+    x[0, 0, 0, :2] = x[0, 0, 1, 0] = 5.0  # a three-way tie: the first winner takes the gradient
+    x[1, 2, 2, 3] = float('nan')  # a NaN wins its window, as in MaxPool2d
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = ops.max_pool2x2(xa), F.max_pool2d(xb, 2, 2)
+    assert dict(kernels_run('')) == {'max_pool2x2': backend}
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    upstream = _rand(*out.shape, seed=16)
+    out.backward(upstream), expected.backward(upstream)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0)
+    # flat maps: every window a four-way tie
     flat = torch.zeros(1, 2, *size, dtype=torch.float64)
     a, b = flat.clone().requires_grad_(), flat.clone().requires_grad_()
-    torch.ops.timm_san.max_pool2x2(a).sum().backward()
+    ops.max_pool2x2(a).sum().backward()
     F.max_pool2d(b, 2, 2).sum().backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
@@ -82,7 +91,7 @@ def _stem_pair(seed: int, **kwargs):
 
 @pytest.mark.parametrize('size', [(8, 8), (9, 7)])
 @pytest.mark.parametrize('train', [False, True])
-def test_stem_equals_conv_bn_relu_pool(size, train, kernels_run):
+def test_stem_equals_conv_bn_relu_pool(size, train, kernels_run, backend):
     model, modules = _stem_pair(seed=16)
     model.train(train), modules.train(train)
     with torch.no_grad():
@@ -90,7 +99,7 @@ def test_stem_equals_conv_bn_relu_pool(size, train, kernels_run):
     x = _rand(2, 3, *size, seed=17)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out, expected = model._stem_pool(xa), modules(xb)
-    assert dict(kernels_run(''))['stem'] == 'cpu'
+    assert dict(kernels_run(''))['stem'] == backend
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     upstream = _rand(*out.shape, seed=18)
     out.backward(upstream), expected.backward(upstream)
@@ -102,7 +111,7 @@ def test_stem_equals_conv_bn_relu_pool(size, train, kernels_run):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_stem_ties_on_flat_images_take_the_first_winner():
+def test_stem_ties_on_flat_images_take_the_first_winner(backend):
     model, modules = _stem_pair(seed=19)
     x = torch.zeros(2, 3, 8, 8, dtype=torch.float64)
     x[0, :, :4] = 1.0  # flat regions: every window is a tie
@@ -111,7 +120,7 @@ def test_stem_ties_on_flat_images_take_the_first_winner():
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize('kernels', ['all', 'reference'])
+@pytest.mark.parametrize('kernels', ['cpp', 'cpu', 'reference'])
 def test_stem_gradcheck(kernels):
     model, _ = _stem_pair(seed=20)
     bn = model.bn_in
@@ -125,13 +134,16 @@ def test_stem_gradcheck(kernels):
         assert torch.autograd.gradcheck(stem, inputs, fast_mode=True, atol=1e-6)
 
 
-def test_model_training_step_runs_the_cpu_kernels_and_matches_the_reference(kernels_run):
+def test_model_training_step_runs_the_cpu_kernels_and_matches_the_reference(kernels_run, backend):
     model = randomize_(timm.create_model('san10_pairwise', num_classes=10), seed=22).double().train()
     reference = copy.deepcopy(model)
     x = _rand(2, 3, 64, 64, seed=23)
     torch.manual_seed(0)
     out = model(x)
-    assert set(dict(kernels_run('')).values()) == {'cpu'}
+    # every operator on the backend, but the 1x1 convs: they have no cpp kernel (the reference's, under cpp alone)
+    convs = 'cpu' if backend == 'cpu' else 'reference'
+    expected_kernels = {op: convs if op.startswith('conv1x1') else backend for op, _ in kernels_run('', clear=False)}
+    assert dict(kernels_run('')) == expected_kernels
     with ops.use_kernels('reference'):
         torch.manual_seed(0)
         expected = reference(x)

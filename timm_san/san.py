@@ -89,7 +89,9 @@ class SanBottleneck(nn.Module):
         out = self.act(self.bn1(x))
         out = self.act(self.bn2(self.sam(out)))
         out = self.conv(out)
-        return self.drop_path(out) + x
+        out = self.drop_path(out)
+        out += x
+        return out
 
 
 class SanLayer(nn.Sequential):

@@ -1,9 +1,10 @@
-""" Helpers shared by SAN's kernels: BatchNorm as an affine map, and how much of a relation one chunk holds """
+""" Helpers shared by SAN's kernels: BatchNorm as an affine map, how much of a relation one chunk holds, the
+training batch check """
 from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['bn_scale_shift', 'offset_chunks', 'input_moments', 'CHUNK_ELEMENTS']
+__all__ = ['bn_scale_shift', 'offset_chunks', 'input_moments', 'check_batch_size', 'CHUNK_ELEMENTS']
 
 # elements of one chunk's relation buffer: small enough to stay in a core's L2 cache
 CHUNK_ELEMENTS = 1 << 18
@@ -61,3 +62,14 @@ def input_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     centred = x - mean.view(1, -1, 1, 1)
     covariance = (centred.unsqueeze(1) * centred.unsqueeze(2)).mean(dim=(0, 3, 4))
     return mean, covariance
+
+
+def check_batch_size(x: torch.Tensor, offsets: int) -> None:
+    """Refuse a training batch whose norms would see one value per channel, as BatchNorm refuses it.
+
+    Args:
+        x: SAM's input ``(B, C, H, W)``.
+        offsets: Values per pixel a norm of the mapping sees (``k * k`` for pairwise, 1 for patchwise).
+    """
+    if x.shape[0] * offsets * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(f'Expected more than 1 value per channel when training, got input size {list(x.shape)}')

@@ -146,9 +146,10 @@ def footprint(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
         ``x[:, c, h + kh - k // 2, w + kw - k // 2]`` with reflection at the borders.
     """
     batch, channels, height, width = x.shape
-    # im2col of the padded map: one operator, which graph exporters (ONNX) know, at any size
-    columns = F.unfold(reflect_pad(x, kernel_size // 2), kernel_size)
-    return columns.view(batch, channels, kernel_size * kernel_size, height * width)
+    # the k * k shifted windows of the padded map, stacked: slices, which graph exporters (ONNX) write as slices
+    padded = reflect_pad(x, kernel_size // 2)
+    windows = [padded[:, :, i:i + height, j:j + width] for i in range(kernel_size) for j in range(kernel_size)]
+    return torch.stack(windows, dim=2).reshape(batch, channels, kernel_size * kernel_size, height * width)
 
 
 def subtraction2(x1: torch.Tensor, x2: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -175,11 +176,16 @@ def aggregation(x: torch.Tensor, weight: torch.Tensor, kernel_size: int) -> torc
     """
     batch, channels, height, width = x.shape
     weight_channels = weight.shape[1]
-    # channel c = g * Cw + s uses weight channel s: a reshape, no index copy
-    neighbours = footprint(x, kernel_size).view(
-        batch, channels // weight_channels, weight_channels, kernel_size * kernel_size, height * width)
-    out = (neighbours * weight.unsqueeze(1)).sum(3)
-    return out.view(batch, channels, height, width)
+    # channel c = g * Cw + s uses weight channel s: a reshape, no index copy; a sum over the k * k shifted windows,
+    # so that nothing k * k-fold is held (an exported graph included)
+    padded = reflect_pad(x, kernel_size // 2).reshape(
+        batch, channels // weight_channels, weight_channels, height + kernel_size - 1, width + kernel_size - 1)
+    weight = weight.reshape(batch, 1, weight_channels, kernel_size * kernel_size, height, width)
+    out = padded[..., :height, :width] * weight[:, :, :, 0]
+    for index in range(1, kernel_size * kernel_size):
+        i, j = divmod(index, kernel_size)
+        out = out + padded[..., i:i + height, j:j + width] * weight[:, :, :, index]
+    return out.reshape(batch, channels, height, width)
 
 
 def aggregation_weight_grad(

@@ -7,6 +7,8 @@ where a BatchNorm normalises with batch statistics, those statistics, for the mo
 ones as ``nn.BatchNorm2d`` would (the operator itself writes nothing).
 
 Kernels (chosen by ``timm_san.ops.dispatch.select_kernel``):
+    * ``cpp``: the compiled loops of ``timm_san.kernels.cpp``, eval and training (float32/float64): one parallel
+      loop per pass over tiles of pixels that stay in a core's cache, nothing ``k * k``-fold in memory;
     * ``cpu``: eval, the folded mapping a few footprint rows and samples at a time
       (``timm_san.kernels.cpu.attention_eval``); training in float32/float64, forward and backward without
       ``k * k``-fold buffers (``timm_san.kernels.cpu.attention_train``);
@@ -25,6 +27,7 @@ from timm.layers import register_notrace_function
 from torch.library import custom_op
 
 from ..kernels import reference
+from ..kernels.cpp import attention as attention_cpp
 from ..kernels.cpu import attention_eval, attention_train
 from ..kernels.cpu.conv1x1 import conv1x1_split
 from . import primitives
@@ -233,8 +236,22 @@ def _patchwise_reference_backward(
 
 def _kernel(op: str, x: torch.Tensor, batch_stats1: bool, batch_stats2: bool) -> str:
     # the CPU kernels fold both norms one way: both with running statistics (eval) or both with batch ones
-    backends = ('cpu',) if batch_stats1 == batch_stats2 else ()
+    backends = ('cpp', 'cpu') if batch_stats1 == batch_stats2 else ()
     return select_kernel(op, x, training=batch_stats1, backends=backends)
+
+
+# A training kernel's state for backward starts with a code naming the kernel that wrote it: backward reads it back
+# that way whatever the switch says by then.
+_SAVED_BY = {'cpp': 1.0, 'cpu': 2.0}
+
+
+def _tagged(saved: torch.Tensor, kernel: str) -> torch.Tensor:
+    return torch.cat([saved.new_full((1,), _SAVED_BY[kernel]), saved])
+
+
+def _untagged(saved: torch.Tensor) -> Tuple[str, torch.Tensor]:
+    code = saved[0].item()
+    return next(k for k, v in _SAVED_BY.items() if v == code), saved[1:]
 
 
 def _eval_mapping(params: OptionalTensors, running: OptionalTensors) -> OptionalTensors:
@@ -262,8 +279,13 @@ def _pairwise_attention(
     """``(out, batch statistics, saved)``; ``saved`` is what the CPU training kernel's backward takes, else empty."""
     params, running = _absent(params), _absent(running)
     kernel = _kernel('pairwise_attention', x, batch_stats1, batch_stats2)
-    if kernel == 'cpu' and batch_stats1:
-        return attention_train.pairwise_forward(x, position, kernel_size, eps1, eps2, params)
+    if kernel in _SAVED_BY and batch_stats1:
+        train = attention_cpp if kernel == 'cpp' else attention_train
+        out, stats, saved = train.pairwise_forward(x, position, kernel_size, eps1, eps2, params)
+        return out, stats, _tagged(saved, kernel)
+    if kernel == 'cpp':
+        out = attention_cpp.pairwise_eval(x, params, running, position, kernel_size, eps1, eps2)
+        return out, x.new_empty(0), x.new_empty(0)
     if kernel == 'cpu':
         x1, x2, x3 = _eval_projection(x, params)
         out = attention_eval.pairwise_attention(
@@ -278,8 +300,9 @@ def _pairwise_attention(
 def _(x, params, running, position, kernel_size, eps1, eps2, batch_stats1, batch_stats2):
     out = x.new_empty((x.shape[0], params[4].shape[0], x.shape[2], x.shape[3]))
     size = _stats_size(params, batch_stats1, batch_stats2)
-    training_kernel = batch_stats1 and _kernel('pairwise_attention', x, batch_stats1, batch_stats2) == 'cpu'
-    return out, x.new_empty(size), x.new_empty(size if training_kernel else 0)
+    kernel = _kernel('pairwise_attention', x, batch_stats1, batch_stats2)
+    saved = size + 1 if batch_stats1 and kernel in _SAVED_BY else 0
+    return out, x.new_empty(size), x.new_empty(saved, dtype=torch.float64 if kernel == 'cpp' else x.dtype)
 
 
 @custom_op('timm_san::pairwise_attention_backward', mutates_args=())
@@ -292,8 +315,13 @@ def _pairwise_attention_backward(
     """``[grad_x, grad_position, *grad_params]``, empty where there is no gradient (a missing bias)."""
     params, running = _absent(params), _absent(running)
     if saved.numel():
-        grad_x, grad_position, grad_params = attention_train.pairwise_backward(
-            grad_out, x, position, saved, params, kernel_size, input_grad)
+        kernel, saved = _untagged(saved)
+        if kernel == 'cpp':
+            grad_x, grad_position, grad_params = attention_cpp.pairwise_backward(
+                grad_out, x, position, saved, params, kernel_size, eps1, eps2, input_grad)
+        else:
+            grad_x, grad_position, grad_params = attention_train.pairwise_backward(
+                grad_out, x, position, saved, params, kernel_size, input_grad)
         grads = [grad_x, grad_position, *grad_params]
     else:
         grads = _pairwise_reference_backward(
@@ -342,8 +370,13 @@ def _patchwise_attention(
     takes (its mapping's map-sized hidden layer among them), else empty."""
     params, running = _absent(params), _absent(running)
     kernel = _kernel('patchwise_attention', x, batch_stats1, batch_stats2)
-    if kernel == 'cpu' and batch_stats1:
-        return attention_train.patchwise_forward(x, kernel_size, eps1, eps2, params)
+    if kernel in _SAVED_BY and batch_stats1:
+        train = attention_cpp if kernel == 'cpp' else attention_train
+        out, stats, saved, hidden = train.patchwise_forward(x, kernel_size, eps1, eps2, params)
+        return out, stats, _tagged(saved, kernel), hidden
+    if kernel == 'cpp':
+        out = attention_cpp.patchwise_eval(x, params, running, kernel_size, eps1, eps2)
+        return out, x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if kernel == 'cpu':
         x1, x2, x3 = _eval_projection(x, params)
         out = attention_eval.patchwise_attention(x1, x2, x3, _eval_mapping(params, running), eps1, eps2, kernel_size)
@@ -357,9 +390,11 @@ def _patchwise_attention(
 def _(x, params, running, kernel_size, eps1, eps2, batch_stats1, batch_stats2):
     out = x.new_empty((x.shape[0], params[4].shape[0], x.shape[2], x.shape[3]))
     size = _stats_size(params, batch_stats1, batch_stats2)
-    training_kernel = batch_stats1 and _kernel('patchwise_attention', x, batch_stats1, batch_stats2) == 'cpu'
+    kernel = _kernel('patchwise_attention', x, batch_stats1, batch_stats2)
+    training_kernel = batch_stats1 and kernel in _SAVED_BY
     hidden_shape = (x.shape[0], params[8].shape[0], x.shape[2] * x.shape[3]) if training_kernel else (0,)
-    return out, x.new_empty(size), x.new_empty(size if training_kernel else 0), x.new_empty(hidden_shape)
+    saved = x.new_empty(size + 1 if training_kernel else 0, dtype=torch.float64 if kernel == 'cpp' else x.dtype)
+    return out, x.new_empty(size), saved, x.new_empty(hidden_shape)
 
 
 @custom_op('timm_san::patchwise_attention_backward', mutates_args=())
@@ -372,8 +407,10 @@ def _patchwise_attention_backward(
     """``[grad_x, *grad_params]``, empty where there is no gradient (a missing bias)."""
     params, running = _absent(params), _absent(running)
     if saved.numel():
-        grad_x, grad_params = attention_train.patchwise_backward(
-            grad_out, x, hidden, saved, params, kernel_size, input_grad)
+        kernel, saved = _untagged(saved)
+        train = attention_cpp if kernel == 'cpp' else attention_train
+        grad_x, grad_params = train.patchwise_backward(
+            grad_out, x, hidden, saved, params, kernel_size, eps1, eps2, input_grad)
         grads = [grad_x, *grad_params]
     else:
         grads = _patchwise_reference_backward(

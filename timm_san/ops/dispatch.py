@@ -3,18 +3,20 @@
 Every operator of ``timm_san.ops`` has a reference kernel (plain PyTorch, ``timm_san.kernels.reference``: the
 spec, on every device and dtype) and may have faster ones per backend:
 
+    ``cpp``     the compiled loops of ``timm_san.kernels.cpp`` (the attention, CPU tensors of float32/float64, eval
+                and training); built on first use, and unavailable without a C++ compiler or before torch 2.10
     ``cpu``     the fused loops of ``timm_san.kernels.cpu`` (CPU tensors; eval and, in float32/float64, training)
     ``triton``  the Triton kernels of ``timm_san.kernels.triton`` (CUDA tensors of float16/bfloat16/float32/float64)
 
 ``select_kernel`` is asked once per operator call, from inside the operator's kernel (so under ``torch.compile``,
 ``torch.export`` and ``torch.jit.trace`` the choice is made when the graph runs, not when it is captured). It
 takes the first backend that is enabled and applies to the inputs, else the reference; the logger
-``timm_san.ops`` names the kernel at DEBUG level.
+``timm_san.ops`` names the kernel at DEBUG level, and why an enabled backend that applies could not run.
 
 Which backends may run is one switch, in the style of timm's ``set_fused_attn``:
 
     * the environment variable ``TIMM_SAN_KERNELS`` at import: ``all`` (the default), ``reference`` (no backend),
-      or a comma-separated list of the backends allowed (``cpu``, ``triton``);
+      or a comma-separated list of the backends allowed (``cpp``, ``cpu``, ``triton``);
     * ``set_kernels(...)`` with the same values, for the process;
     * ``with use_kernels('reference'):`` for a block, restoring the setting after it.
 
@@ -35,11 +37,12 @@ __all__ = [
 
 _logger = logging.getLogger('timm_san.ops')
 
-BACKENDS = ('cpu', 'triton')
+BACKENDS = ('cpp', 'cpu', 'triton')
 _ENV = 'TIMM_SAN_KERNELS'
 # dtypes each backend computes in; training on CPU also needs float32/float64 (its sums run in the tensors' dtype)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CPU_TRAIN_DTYPES = (torch.float32, torch.float64)
+_CPP_DTYPES = (torch.float32, torch.float64)
 
 KernelSpec = Union[None, str, Iterable[str]]
 
@@ -100,6 +103,16 @@ def _triton_available() -> bool:
     return AVAILABLE
 
 
+def _cpp_available() -> bool:
+    from ..kernels import cpp
+    return cpp.library()
+
+
+def _cpp_reason() -> str:
+    from ..kernels import cpp
+    return cpp.unavailable_reason()
+
+
 def select_kernel(op: str, x: torch.Tensor, training: bool = False, backends: Iterable[str] = BACKENDS) -> str:
     """The kernel that computes ``op`` on input ``x``: ``'triton'``, ``'cpu'`` or ``'reference'``.
 
@@ -115,16 +128,23 @@ def select_kernel(op: str, x: torch.Tensor, training: bool = False, backends: It
     """
     kernel = 'reference'
     device = x.device.type
+    skipped = ''
+    cpp_applies = 'cpp' in backends and 'cpp' in _enabled and device == 'cpu' and x.dtype in _CPP_DTYPES
     if x.numel() == 0:
         pass
+    elif cpp_applies and _cpp_available():
+        kernel = 'cpp'
     elif 'triton' in backends and 'triton' in _enabled and device == 'cuda' and x.dtype in _TRITON_DTYPES \
             and _triton_available():
         kernel = 'triton'
     elif 'cpu' in backends and 'cpu' in _enabled and device == 'cpu' and x.is_floating_point() \
             and (not training or x.dtype in _CPU_TRAIN_DTYPES):
         kernel = 'cpu'
+    if cpp_applies and kernel != 'cpp' and x.numel():
+        skipped = f'; cpp unavailable: {_cpp_reason()}'
     if _logger.isEnabledFor(logging.DEBUG):
-        _logger.debug('%s: %s kernel (%s, %s%s)', op, kernel, device, x.dtype, ', training' if training else '')
+        _logger.debug('%s: %s kernel (%s, %s%s%s)', op, kernel, device, x.dtype, ', training' if training else '',
+                      skipped)
     return kernel
 
 

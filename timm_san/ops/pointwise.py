@@ -16,6 +16,7 @@ from timm.layers import register_notrace_function
 from torch.library import custom_op
 
 from ..kernels.common import bn_scale_shift, input_moments
+from ..kernels.cpp import pointwise as cpp_pointwise
 from ..kernels.cpu import conv1x1 as cpu_conv1x1, stem_eval, stem_train
 from .dispatch import autocast_enabled, inline_reference, outside_autocast, select_kernel
 from .grads import owned_grads, vjp_present
@@ -23,6 +24,7 @@ from .grads import owned_grads, vjp_present
 __all__ = ['conv1x1', 'max_pool2x2', 'stem']
 
 _CPU = ('cpu',)
+_CPP_CPU = ('cpp', 'cpu')
 
 
 def _pooled_shape(x: torch.Tensor, planes: int):
@@ -35,8 +37,11 @@ def _pooled_shape(x: torch.Tensor, planes: int):
 @outside_autocast
 def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if select_kernel('conv1x1', x, backends=_CPU) == 'cpu':
-        return cpu_conv1x1.conv1x1(x, weight, bias)
-    return F.conv2d(x, weight, bias)
+        out = cpu_conv1x1.conv1x1(x, weight, bias)
+    else:
+        out = F.conv2d(x, weight, bias)
+    # never a view (an empty batch's conv may return one): the block adds the residual to it in place
+    return out if out._base is None else out.clone()
 
 
 @_conv1x1.register_fake
@@ -92,7 +97,10 @@ def _max_pool2x2_cpu(x: torch.Tensor) -> torch.Tensor:
 @custom_op('timm_san::max_pool2x2', mutates_args=())
 @outside_autocast
 def _max_pool2x2(x: torch.Tensor) -> torch.Tensor:
-    if select_kernel('max_pool2x2', x, backends=_CPU) == 'cpu':
+    kernel = select_kernel('max_pool2x2', x, backends=_CPP_CPU)
+    if kernel == 'cpp':
+        return cpp_pointwise.max_pool2x2(x)
+    if kernel == 'cpu':
         return _max_pool2x2_cpu(x)
     return F.max_pool2d(x, 2, 2)
 
@@ -105,7 +113,9 @@ def _(x):
 @custom_op('timm_san::max_pool2x2_backward', mutates_args=())
 @outside_autocast
 def _max_pool2x2_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # MaxPool2d's gradient (one winner per window, the first on ties), from indices recomputed here
+    # MaxPool2d's gradient (one winner per window, the first on ties), the winners found again from the input
+    if select_kernel('max_pool2x2_backward', x, training=True, backends=('cpp',)) == 'cpp':
+        return cpp_pointwise.max_pool2x2_backward(grad, x)
     _, indices = F.max_pool2d(x, 2, 2, return_indices=True)
     return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
 
@@ -157,15 +167,16 @@ def _stem_stats(
 
 
 def _stem_kernel(x: torch.Tensor, bias: Optional[torch.Tensor], bn_weight: Optional[torch.Tensor],
-                 bn_bias: Optional[torch.Tensor], batch_stats: bool) -> str:
-    """``'train'`` (the CPU training kernel: a bias-free conv, an affine norm), ``'eval'`` (the CPU eval kernel) or
-    ``'reference'``."""
-    kernel = select_kernel('stem', x, training=batch_stats, backends=_CPU)
-    if kernel != 'cpu':
-        return 'reference'
+                 bn_bias: Optional[torch.Tensor], batch_stats: bool) -> Tuple[str, str]:
+    """``(mode, backend)``: mode ``'train'`` (a training kernel: a bias-free conv, an affine norm), ``'eval'`` or
+    ``'reference'``; backend ``'cpp'`` or ``'cpu'`` for the first two."""
+    kernel = select_kernel('stem', x, training=batch_stats, backends=_CPP_CPU)
+    if kernel == 'reference':
+        return 'reference', kernel
     if not batch_stats:
-        return 'eval'
-    return 'train' if bias is None and bn_weight is not None and bn_bias is not None else 'reference'
+        return 'eval', kernel
+    trainable = bias is None and bn_weight is not None and bn_bias is not None
+    return ('train', kernel) if trainable else ('reference', 'reference')
 
 
 @custom_op('timm_san::stem', mutates_args=())
@@ -177,19 +188,21 @@ def _stem(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(pooled map, batch statistics (empty on running statistics), winning phases (CPU training, else empty))``."""
     stats = _stem_stats(x, weight, bias, running_mean, running_var) if batch_stats else x.new_empty(0)
-    kernel = _stem_kernel(x, bias, bn_weight, bn_bias, batch_stats)
-    if kernel == 'train':
+    mode, backend = _stem_kernel(x, bias, bn_weight, bn_bias, batch_stats)
+    if mode == 'train':
         assert bn_weight is not None and bn_bias is not None
-        out, argmax = stem_train.stem_forward(x, weight, bn_weight, bn_bias, eps)
+        train = cpp_pointwise if backend == 'cpp' else stem_train
+        out, argmax = train.stem_forward(x, weight, bn_weight, bn_bias, eps)
         return out, stats, argmax
-    if kernel == 'eval':
+    if mode == 'eval':
         assert running_mean is not None and running_var is not None
         scale, shift = bn_scale_shift(bn_weight, bn_bias, running_mean, torch.rsqrt(running_var + eps))
         if bias is not None:
             shift = shift + bias * scale
         # scaling the weights (not the pooled output) keeps the maximum right for negative scales
         matrix = weight.reshape(weight.shape[0], -1) * scale.view(-1, 1)
-        return stem_eval.pooled_linear_relu(x, matrix, shift), stats, x.new_empty(0, dtype=torch.uint8)
+        pooled = cpp_pointwise.stem_eval if backend == 'cpp' else stem_eval.pooled_linear_relu
+        return pooled(x, matrix, shift), stats, x.new_empty(0, dtype=torch.uint8)
     out = _stem_reference(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats)
     return out, stats, x.new_empty(0, dtype=torch.uint8)
 
@@ -197,7 +210,7 @@ def _stem(
 @_stem.register_fake
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps, batch_stats):
     out_shape = _pooled_shape(x, weight.shape[0])
-    train = _stem_kernel(x, bias, bn_weight, bn_bias, batch_stats) == 'train'
+    train = _stem_kernel(x, bias, bn_weight, bn_bias, batch_stats)[0] == 'train'
     return (x.new_empty(out_shape), x.new_empty(2 * weight.shape[0] if batch_stats else 0),
             x.new_empty(out_shape if train else (0,), dtype=torch.uint8))
 
@@ -215,7 +228,10 @@ def _stem_backward(
     inputs = [x, weight, bias, bn_weight, bn_bias]
     if argmax.numel():
         assert bn_weight is not None
-        grad_x, grad_weight, grad_bn_weight, grad_bn_bias = stem_train.stem_backward(
+        # either training kernel's winners serve either backward
+        kernel = select_kernel('stem_backward', x, training=True, backends=('cpp',))
+        train = cpp_pointwise if kernel == 'cpp' else stem_train
+        grad_x, grad_weight, grad_bn_weight, grad_bn_bias = train.stem_backward(
             grad, x, out, argmax, weight, bn_weight, eps, input_grad)
         grads = [grad_x, grad_weight, None, grad_bn_weight, grad_bn_bias]
     else:
@@ -282,8 +298,8 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
         Tensor of shape ``(B, C, H // 2, W // 2)``.
     """
     if not torch.jit.is_scripting():
-        if inline_reference() or x.dim() != 4 or (x.requires_grad and torch.is_grad_enabled()):
-            # ONNX; and training, where PyTorch's own pool keeps the indices its backward needs
+        if inline_reference() or x.dim() != 4:
+            # ONNX, which takes standard operators; and what PyTorch's own pool has a message for
             return F.max_pool2d(x, 2, 2)
     return torch.ops.timm_san.max_pool2x2(x)
 

@@ -30,10 +30,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..common import bn_scale_shift, offset_chunks
+from ..common import bn_scale_shift, check_batch_size, offset_chunks
 from ..reference import aggregation_input_grad, footprint_backward, footprint_view, reflect_pad, reflect_pad_backward
 from .aggregation import aggregation
-from .conv1x1 import conv1x1, conv1x1_backward
+from .conv1x1 import conv1x1_concat, conv1x1_concat_backward
 
 __all__ = ['pairwise_forward', 'pairwise_backward', 'patchwise_forward', 'patchwise_backward']
 
@@ -164,32 +164,6 @@ def _scatter_rows(grad: torch.Tensor, padded: torch.Tensor, workspace: '_Workspa
             grad[index].reshape(planes * rows * k, height * width), band, [rows, k], [1, 1], [0, 0], [1, 1],
             out=workspace('folded', (planes, *band)))
         padded[index, :, :band[0]] += folded
-
-
-def _sam_convs(x: torch.Tensor, params: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:
-    """conv1, conv2, conv3 of SAM as one 1x1 conv (one pass over ``x``), split into channel slices (views)."""
-    weights, biases = params[0::2], params[1::2]
-    bias = None
-    if any(b is not None for b in biases):
-        bias = torch.cat([x.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
-    out = conv1x1(x, torch.cat(list(weights)), bias)
-    return list(out.split([w.shape[0] for w in weights], dim=1))
-
-
-def _sam_convs_backward(
-        grads: Sequence[torch.Tensor], x: torch.Tensor, params: Sequence[Optional[torch.Tensor]], input_grad: bool,
-) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
-    """Backward of ``_sam_convs``: the input's gradient and ``[conv1.weight, conv1.bias, ...]``'s (None: no bias)."""
-    weights, biases = params[0::2], params[1::2]
-    grad_x, grad_weight, grad_bias = conv1x1_backward(
-        torch.cat(list(grads), dim=1), x, torch.cat(list(weights)), input_grad)
-    grad_params: List[Optional[torch.Tensor]] = []
-    start = 0
-    for weight, bias in zip(weights, biases):
-        end = start + weight.shape[0]
-        grad_params += [grad_weight[start:end], grad_bias[start:end] if bias is not None else None]
-        start = end
-    return grad_x, grad_params
 
 
 def _running_stats_update(
@@ -323,9 +297,9 @@ def pairwise_forward(
         for the running statistics); ``[mean1, invstd1, mean2, invstd2]`` for ``pairwise_backward``. Everything
         else is rebuilt in backward.
     """
-    _check_batch_size(x, kernel_size * kernel_size)
+    check_batch_size(x, kernel_size * kernel_size)
     bn1_weight, bn1_bias, map1_w, map1_b, bn2_weight, bn2_bias, map2_w, map2_b = params[6:]
-    x1, x2, x3 = _sam_convs(x, params[:6])
+    x1, x2, x3 = conv1x1_concat(x, params[0:6:2], params[1:6:2])
     batch, planes, height, width = x1.shape
     k, spatial, offsets = kernel_size, height * width, kernel_size * kernel_size
     n = batch * offsets * spatial
@@ -383,7 +357,7 @@ def pairwise_backward(
     """Gradients of ``pairwise_forward``: ``(grad_x or None, grad_position, grads of params (None: absent))``."""
     mean1, invstd1, mean2, invstd2 = _split_saved(saved, params)
     bn1_weight, bn1_bias, map1_w, map1_b, bn2_weight, bn2_bias, map2_w, map2_b = params[6:]
-    x1, x2, x3 = _sam_convs(x, params[:6])
+    x1, x2, x3 = conv1x1_concat(x, params[0:6:2], params[1:6:2])
     k = kernel_size
     batch, planes, height, width = x1.shape
     spatial, offsets = height * width, k * k
@@ -509,7 +483,8 @@ def pairwise_backward(
     grad_position = (grad_pos_relation.sum(2).view(1, 2, height, width)
                      - footprint_backward(grad_pos_relation, height, width, k))
 
-    grad_x, grad_convs = _sam_convs_backward([grad_x1, grad_x2, grad_x3], x, params[:6], input_grad)
+    grad_x, grad_convs = conv1x1_concat_backward(
+        [grad_x1, grad_x2, grad_x3], x, params[0:6:2], params[1:6:2], input_grad)
 
     grad_mapping = [
         sum_gy1_d * invstd1 if bn1_weight is not None else None,
@@ -615,9 +590,9 @@ def patchwise_forward(
         ``(out, stats, saved, hidden)``: as ``pairwise_forward``, and the (map-sized) hidden layer of the mapping,
         which ``patchwise_backward`` takes too.
     """
-    _check_batch_size(x, 1)
+    check_batch_size(x, 1)
     bn1_weight, bn1_bias, map1_w, map1_b, bn2_weight, bn2_bias, map2_w, map2_b = params[6:]
-    x1, x2, x3 = _sam_convs(x, params[:6])
+    x1, x2, x3 = conv1x1_concat(x, params[0:6:2], params[1:6:2])
     batch, planes, height, width = x1.shape
     k, spatial, offsets = kernel_size, height * width, kernel_size * kernel_size
     n = batch * spatial
@@ -661,12 +636,15 @@ def patchwise_backward(
         saved: torch.Tensor,
         params: Sequence[Optional[torch.Tensor]],
         kernel_size: int,
+        eps1: float,
+        eps2: float,
         input_grad: bool = True,
 ) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
-    """Gradients of ``patchwise_forward``: ``(grad_x or None, grads of params (None: absent))``."""
+    """Gradients of ``patchwise_forward``: ``(grad_x or None, grads of params (None: absent))``; the norms' eps
+    are those of the forward (``saved`` holds their inverse deviations already)."""
     mean1, invstd1, mean2, invstd2 = _split_saved(saved, params)
     bn1_weight, bn1_bias, map1_w, map1_b, bn2_weight, bn2_bias, map2_w, map2_b = params[6:]
-    x1, x2, x3 = _sam_convs(x, params[:6])
+    x1, x2, x3 = conv1x1_concat(x, params[0:6:2], params[1:6:2])
     k = kernel_size
     batch, planes, height, width = x1.shape
     spatial, offsets, pad = height * width, k * k, k // 2
@@ -754,7 +732,8 @@ def patchwise_backward(
     canvas -= reflect_pad(x2, pad) * _place_windows(coef, height, width)
     grad_x2 = reflect_pad_backward(canvas, height, width, pad)
 
-    grad_x, grad_convs = _sam_convs_backward([grad_x1, grad_x2, grad_x3], x, params[:6], input_grad)
+    grad_x, grad_convs = conv1x1_concat_backward(
+        [grad_x1, grad_x2, grad_x3], x, params[0:6:2], params[1:6:2], input_grad)
     sum_gy1_all = torch.cat([sum_gy1_centre, sum_gy1.flatten()])
     grad_mapping = [
         torch.cat([sum_gy1_hat_centre, sum_gy1_hat.flatten()]) if bn1_weight is not None else None,
@@ -783,12 +762,6 @@ def _logits(
     if bias is not None:
         out += bias.view(-1, 1)
     return out
-
-
-def _check_batch_size(x: torch.Tensor, offsets: int) -> None:
-    if x.shape[0] * offsets * x.shape[2] * x.shape[3] == 1:
-        # as BatchNorm refuses it: one value per channel has no variance
-        raise ValueError(f'Expected more than 1 value per channel when training, got input size {list(x.shape)}')
 
 
 def _split_saved(saved: torch.Tensor, params: Sequence[Optional[torch.Tensor]]) -> List[torch.Tensor]:

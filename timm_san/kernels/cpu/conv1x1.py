@@ -10,7 +10,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['conv1x1', 'conv1x1_split', 'conv1x1_backward', 'MATMUL_MIN_SPATIAL']
+__all__ = ['conv1x1', 'conv1x1_split', 'conv1x1_concat', 'conv1x1_concat_backward', 'conv1x1_backward',
+           'MATMUL_MIN_SPATIAL']
 
 # below this many pixels per map oneDNN's batched 1x1 conv beats per-sample matmuls (SAN's 7x7 last stage)
 MATMUL_MIN_SPATIAL = 100
@@ -38,11 +39,14 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
         return F.conv2d(x, weight, bias)
     batch, planes, height, width = x.shape
     out_planes = weight.shape[0]
+    # the map itself is returned (not a view of the product), so that callers may add to it in place
+    out = x.new_empty((batch, out_planes, height, width))
     # a broadcast (stride 0) weight: bmm reads each sample in place (matmul would fold the batch into a copy)
-    out = torch.bmm(weight.reshape(out_planes, planes).expand(batch, -1, -1), x.reshape(batch, planes, height * width))
+    torch.bmm(weight.reshape(out_planes, planes).expand(batch, -1, -1), x.reshape(batch, planes, height * width),
+              out=out.view(batch, out_planes, height * width))
     if bias is not None:
-        out.add_(bias.view(1, -1, 1))
-    return out.view(batch, out_planes, height, width)
+        out.view(batch, out_planes, -1).add_(bias.view(1, -1, 1))
+    return out
 
 
 def conv1x1_backward(
@@ -95,7 +99,43 @@ def conv1x1_split(
     batch, spatial = x.shape[0], x.shape[-2] * x.shape[-1]
     if len(weights) < 2 or not _use_matmul(x) or sum(sizes) > _CONCAT_MAX_WEIGHT_FRACTION * batch * spatial:
         return [conv1x1(x, w, b) for w, b in zip(weights, biases)]
-    bias: Optional[torch.Tensor] = None
+    return conv1x1_concat(x, weights, biases)
+
+
+def _concat(weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
-    return list(conv1x1(x, torch.cat(list(weights)), bias).split(sizes, dim=1))
+    return torch.cat(list(weights)), bias
+
+
+def conv1x1_concat(
+        x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+) -> List[torch.Tensor]:
+    """Several 1x1 convs of one input as one conv (one pass over ``x``), split into channel slices (views).
+
+    Args:
+        x: Tensor of shape ``(B, C, H, W)``.
+        weights: Conv weights ``(O_i, C, 1, 1)``.
+        biases: Conv biases ``(O_i,)``, each or None.
+    """
+    weight, bias = _concat(weights, biases)
+    return list(conv1x1(x, weight, bias).split([w.shape[0] for w in weights], dim=1))
+
+
+def conv1x1_concat_backward(
+        grads: Sequence[torch.Tensor], x: torch.Tensor, weights: Sequence[torch.Tensor],
+        biases: Sequence[Optional[torch.Tensor]], input_grad: bool,
+) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """Backward of ``conv1x1_concat``: the input's gradient (if ``input_grad``) and ``[weight_0, bias_0, ...]``'s
+    gradients (None for an absent bias)."""
+    weight, _ = _concat(weights, biases)
+    grad_x, grad_weight, grad_bias = conv1x1_backward(torch.cat(list(grads), dim=1), x, weight, input_grad)
+    grad_params: List[Optional[torch.Tensor]] = []
+    start = 0
+    for w, b in zip(weights, biases):
+        end = start + w.shape[0]
+        grad_params += [grad_weight[start:end], grad_bias[start:end] if b is not None else None]
+        start = end
+    return grad_x, grad_params

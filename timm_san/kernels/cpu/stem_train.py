@@ -15,7 +15,7 @@ import torch
 from ..common import bn_scale_shift, input_moments
 from .stem_eval import pooled_linear_relu, window_phases
 
-__all__ = ['stem_forward', 'stem_backward']
+__all__ = ['stem_forward', 'stem_backward', 'stem_statistics', 'add_statistics_grad']
 
 
 def stem_forward(
@@ -34,13 +34,19 @@ def stem_forward(
         ``(out, argmax)``: the pooled map, and the winning phase of each window (uint8) for ``stem_backward``.
     """
     out_planes = conv_weight.shape[0]
-    weight = conv_weight.reshape(out_planes, -1)
-    mean_in, covariance = input_moments(x)
-    mean, var = weight @ mean_in, ((weight @ covariance) * weight).sum(dim=1)
+    weight, mean, var = stem_statistics(x, conv_weight)
     scale, shift = bn_scale_shift(bn_weight, bn_bias, mean, torch.rsqrt(var + eps))
     argmax = torch.empty((x.shape[0], out_planes, x.shape[2] // 2, x.shape[3] // 2), dtype=torch.uint8, device=x.device)
     out = pooled_linear_relu(x, weight * scale.view(-1, 1), shift, argmax)
     return out, argmax
+
+
+def stem_statistics(x: torch.Tensor, conv_weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(weight as a matrix, mean, biased var)`` of the bias-free conv's output per channel, from the input's mean
+    and covariance."""
+    weight = conv_weight.reshape(conv_weight.shape[0], -1)
+    mean_in, covariance = input_moments(x)
+    return weight, weight @ mean_in, ((weight @ covariance) * weight).sum(dim=1)
 
 
 def stem_backward(
@@ -73,7 +79,7 @@ def stem_backward(
     grad_norm = (weight * moment).sum(dim=1)
     grad_conv = scale.view(-1, 1) * (moment - (grad_norm * invstd * invstd).view(-1, 1) * (weight @ covariance))
     if grad_x is not None:
-        _add_statistics_grad(grad_x, x, mean_in, weight, folded, scale * grad_norm * invstd * invstd, grad_shift)
+        add_statistics_grad(grad_x, x, mean_in, weight, folded, scale * grad_norm * invstd * invstd, grad_shift)
     return grad_x, grad_conv.view(conv_weight.shape), grad_norm * invstd, grad_shift
 
 
@@ -84,7 +90,7 @@ def _phase_view(x: torch.Tensor, phase: int) -> torch.Tensor:
     return windows[:, :, :, phase // 2, :, phase % 2]
 
 
-def _add_statistics_grad(
+def add_statistics_grad(
         grad_x: torch.Tensor,
         x: torch.Tensor,
         mean_in: torch.Tensor,
