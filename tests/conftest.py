@@ -12,13 +12,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 def kernels_run(caplog):
     """The kernels SAN's operators ran since the last look, as the dispatch's debug log names them:
     ``kernels_run(op)`` gives ``[[operator, kernel], ...]`` for the operators whose name holds ``op`` (default: the
-    attention operators; ``''``: every operator); ``clear=False`` looks without forgetting."""
+    attention operators; ``''``: every operator)."""
     caplog.set_level(logging.DEBUG, logger='timm_san.ops')
 
-    def names(op: str = 'attention', clear: bool = True):
+    def names(op: str = 'attention'):
         messages = [r.getMessage() for r in caplog.records if r.name == 'timm_san.ops']
-        if clear:
-            caplog.clear()
+        caplog.clear()
         return [m.split(' kernel')[0].split(': ') for m in messages if op in m.split(':')[0]]
 
     yield names

@@ -1,6 +1,7 @@
 """ SAN's 1x1 convs and 2x2 max-pools as PyTorch custom ops, and the stem of an inference model as one op
 
-    ``conv1x1``        ``conv2d`` with a 1x1 kernel (on CPU, large maps as batched matmuls, forward and backward)
+    ``conv1x1``        ``conv2d`` with a 1x1 kernel (on CPU, tiles of pixels in the compiled kernels, else batched
+                       matmuls, forward and backward)
     ``max_pool2x2``    ``max_pool2d(x, 2, 2)`` (on CPU, two elementwise maxima of strided views, no indices)
     ``stem``           ``max_pool2d(relu(batch_norm(conv2d(x))), 2, 2)`` (on CPU, the BatchNorm folded into the
                        conv and one pass that writes only the pooled map; its batch statistics in training come from
@@ -36,7 +37,10 @@ def _pooled_shape(x: torch.Tensor, planes: int):
 @custom_op('timm_san::conv1x1', mutates_args=())
 @outside_autocast
 def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if select_kernel('conv1x1', x, backends=_CPU) == 'cpu':
+    kernel = select_kernel('conv1x1', x, backends=_CPP_CPU)
+    if kernel == 'cpp':
+        out = cpp_pointwise.conv1x1(x, weight, bias)
+    elif kernel != 'reference':
         out = cpu_conv1x1.conv1x1(x, weight, bias)
     else:
         out = F.conv2d(x, weight, bias)
@@ -55,7 +59,10 @@ def _conv1x1_backward(
         grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool) -> List[torch.Tensor]:
     """``[grad_x (empty unless asked), grad_weight, grad_bias]``."""
     # the weight gradient sums over samples in the tensors' dtype: matmuls in float32 / float64 only
-    if select_kernel('conv1x1_backward', x, training=True, backends=_CPU) == 'cpu':
+    kernel = select_kernel('conv1x1_backward', x, training=True, backends=_CPP_CPU)
+    if kernel == 'cpp':
+        grad_x, grad_weight, grad_bias = cpp_pointwise.conv1x1_backward(grad, x, weight, input_grad)
+    elif kernel != 'reference':
         grad_x, grad_weight, grad_bias = cpu_conv1x1.conv1x1_backward(grad, x, weight, input_grad)
     else:
         grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(

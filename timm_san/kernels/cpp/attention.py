@@ -9,7 +9,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..common import check_batch_size
-from ..cpu.conv1x1 import conv1x1_concat, conv1x1_concat_backward
+from ..cpu.conv1x1 import concat_weights, split_grads
+from .pointwise import conv1x1, conv1x1_backward
 
 __all__ = ['pairwise_eval', 'pairwise_forward', 'pairwise_backward', 'patchwise_eval', 'patchwise_forward',
            'patchwise_backward', 'SUBTRACTION', 'CONCATENATION']
@@ -28,8 +29,18 @@ def _with_planes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _projections(x: torch.Tensor, params: OptionalTensors) -> List[torch.Tensor]:
-    """conv1, conv2, conv3 of SAM as one 1x1 conv of the NCHW map (channel slices of one output)."""
-    return [_with_planes(t) for t in conv1x1_concat(x.contiguous(), params[0:6:2], params[1:6:2])]
+    """conv1, conv2, conv3 of SAM as one 1x1 conv (channel slices of one output)."""
+    weight, bias = concat_weights(params[0:6:2], params[1:6:2])
+    out = conv1x1(x, weight, bias)
+    return [_with_planes(t) for t in out.split([w.shape[0] for w in params[0:6:2]], dim=1)]
+
+
+def _projections_backward(grads: Sequence[torch.Tensor], x: torch.Tensor, params: OptionalTensors,
+                          input_grad: bool) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """Backward of ``_projections``: the input's gradient and ``[conv1.weight, conv1.bias, ...]``'s."""
+    weight, _ = concat_weights(params[0:6:2], params[1:6:2])
+    grad_x, grad_weight, grad_bias = conv1x1_backward(torch.cat(list(grads), dim=1), x, weight, input_grad)
+    return grad_x, split_grads(grad_weight, grad_bias, params[0:6:2], params[1:6:2])
 
 
 def _present(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -102,8 +113,7 @@ def pairwise_backward(grad_out: torch.Tensor, x: torch.Tensor, position: torch.T
     grads = torch.ops.timm_san_cpp.pairwise_backward(
         grad_out.contiguous(), x1, x2, x3, position.contiguous(), _norms(params, None, x), [eps1, eps2], saved,
         weights, biases, kernel_size, SUBTRACTION)
-    grad_x, grad_convs = conv1x1_concat_backward(
-        grads[:3], x.contiguous(), params[0:6:2], params[1:6:2], input_grad)
+    grad_x, grad_convs = _projections_backward(grads[:3], x, params, input_grad)
     return grad_x, grads[3], grad_convs + _mapping_grads(grads[4:], params)
 
 
@@ -139,6 +149,5 @@ def patchwise_backward(grad_out: torch.Tensor, x: torch.Tensor, hidden: torch.Te
     grads = torch.ops.timm_san_cpp.patchwise_backward(
         grad_out.contiguous(), x1, x2, x3, _norms(params, None, x), [eps1, eps2], saved, hidden, weights, biases,
         kernel_size, CONCATENATION)
-    grad_x, grad_convs = conv1x1_concat_backward(
-        grads[:3], x.contiguous(), params[0:6:2], params[1:6:2], input_grad)
+    grad_x, grad_convs = _projections_backward(grads[:3], x, params, input_grad)
     return grad_x, grad_convs + _mapping_grads(grads[3:], params)

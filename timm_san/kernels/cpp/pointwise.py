@@ -1,4 +1,4 @@
-""" SAN's stem and 2x2 max-pools through the compiled CPU kernels (``csrc/pool.h``)
+""" SAN's 1x1 convs, stem and 2x2 max-pools through the compiled CPU kernels (``csrc/ops.cpp``, ``csrc/pool.h``)
 
 The stem's batch statistics, and the closed-form parts of its backward, are those of the ``cpu`` backend's
 training stem (``timm_san.kernels.cpu.stem_train``); the passes over the full-resolution map run in C++.
@@ -10,7 +10,27 @@ import torch
 from ..common import bn_scale_shift, input_moments
 from ..cpu.stem_train import add_statistics_grad, stem_statistics
 
-__all__ = ['max_pool2x2', 'max_pool2x2_backward', 'stem_eval', 'stem_forward', 'stem_backward']
+__all__ = ['conv1x1', 'conv1x1_backward', 'max_pool2x2', 'max_pool2x2_backward', 'stem_eval', 'stem_forward',
+           'stem_backward']
+
+
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``conv2d(x, weight, bias)`` for a 1x1 weight: tiles of pixels of every sample in parallel."""
+    matrix = weight.reshape(weight.shape[0], -1).contiguous()
+    return torch.ops.timm_san_cpp.conv1x1(x.contiguous(), matrix, x.new_empty(0) if bias is None else bias)
+
+
+def conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool,
+                     ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Gradients of ``conv1x1``: the input's as a 1x1 conv of the transposed weight, the weight's and bias's as the
+    cpu backend's (one product per sample, summed)."""
+    from ..cpu.conv1x1 import conv1x1_backward as matmul_backward
+    _, grad_weight, grad_bias = matmul_backward(grad, x, weight, input_grad=False)
+    grad_x = None
+    if input_grad:
+        matrix_t = weight.reshape(weight.shape[0], -1).t().contiguous()
+        grad_x = torch.ops.timm_san_cpp.conv1x1(grad.contiguous(), matrix_t, x.new_empty(0))
+    return grad_x, grad_weight, grad_bias
 
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['conv1x1', 'conv1x1_split', 'conv1x1_concat', 'conv1x1_concat_backward', 'conv1x1_backward',
-           'MATMUL_MIN_SPATIAL']
+           'concat_weights', 'split_grads', 'MATMUL_MIN_SPATIAL']
 
 # below this many pixels per map oneDNN's batched 1x1 conv beats per-sample matmuls (SAN's 7x7 last stage)
 MATMUL_MIN_SPATIAL = 100
@@ -102,8 +102,9 @@ def conv1x1_split(
     return conv1x1_concat(x, weights, biases)
 
 
-def _concat(weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
-            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def concat_weights(weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Several 1x1 convs of one input as one: the weights stacked, the biases too (zeros where one has none)."""
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
@@ -120,7 +121,7 @@ def conv1x1_concat(
         weights: Conv weights ``(O_i, C, 1, 1)``.
         biases: Conv biases ``(O_i,)``, each or None.
     """
-    weight, bias = _concat(weights, biases)
+    weight, bias = concat_weights(weights, biases)
     return list(conv1x1(x, weight, bias).split([w.shape[0] for w in weights], dim=1))
 
 
@@ -130,12 +131,18 @@ def conv1x1_concat_backward(
 ) -> Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]:
     """Backward of ``conv1x1_concat``: the input's gradient (if ``input_grad``) and ``[weight_0, bias_0, ...]``'s
     gradients (None for an absent bias)."""
-    weight, _ = _concat(weights, biases)
+    weight, _ = concat_weights(weights, biases)
     grad_x, grad_weight, grad_bias = conv1x1_backward(torch.cat(list(grads), dim=1), x, weight, input_grad)
+    return grad_x, split_grads(grad_weight, grad_bias, weights, biases)
+
+
+def split_grads(grad_weight: torch.Tensor, grad_bias: torch.Tensor, weights: Sequence[torch.Tensor],
+                biases: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+    """The stacked conv's weight and bias gradients as ``[weight_0, bias_0, ...]``'s (None for an absent bias)."""
     grad_params: List[Optional[torch.Tensor]] = []
     start = 0
     for w, b in zip(weights, biases):
         end = start + w.shape[0]
         grad_params += [grad_weight[start:end], grad_bias[start:end] if b is not None else None]
         start = end
-    return grad_x, grad_params
+    return grad_params

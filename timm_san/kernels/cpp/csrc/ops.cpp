@@ -389,6 +389,46 @@ std::vector<Tensor> patchwise_backward(Tensor grad_out, Tensor x1, Tensor x2, Te
   });
 }
 
+// ---- 1x1 convs
+
+// out (B, M, H, W) = weight (M, K) . x[b] (K, H * W) + bias, column tiles of every sample in parallel; the weight
+// packed once into panels, x read in place (its rows are the product's B rows)
+Tensor conv1x1(Tensor x, Tensor weight, Tensor bias) {
+  STD_TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && weight.is_contiguous(), "conv1x1 takes contiguous maps");
+  const int64_t B = x.size(0), K = x.size(1), N = x.size(2) * x.size(3), M = weight.size(0);
+  Tensor out = torch::stable::new_empty(x, {B, M, x.size(2), x.size(3)});
+  by_dtype(x, [&](auto t) {
+    using T = decltype(t);
+    constexpr int64_t L = Vec<T>::lanes, tile = kBlock * L;
+    const Packed<T> w(static_cast<const T*>(weight.data_ptr()), M, K, K, 1);
+    const std::vector<T> b = padded_vector<T>(ptr<T>(bias), M);
+    const T* X = static_cast<const T*>(x.data_ptr());
+    T* O = static_cast<T*>(out.data_ptr());
+    const int64_t tiles = (N + tile - 1) / tile;
+    torch::stable::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+      Buffer<T> c(padded_rows(M) * tile), xb(K * tile);
+      Epilogue<T> ep;
+      ep.bias = b.data();
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t s = i / tiles, n0 = (i % tiles) * tile, n = std::min(tile, N - n0);
+        const T* src = X + s * K * N + n0;
+        if (n == tile) {
+          gemm<T>(w, src, N, c.ptr(), tile, tile, ep);
+        } else {  // the last columns, copied out so that whole vectors can be read
+          for (int64_t k = 0; k < K; ++k) {
+            std::copy(src + k * N, src + k * N + n, xb.ptr() + k * tile);
+            std::fill(xb.ptr() + k * tile + n, xb.ptr() + (k + 1) * tile, T(0));
+          }
+          gemm<T>(w, xb.ptr(), tile, c.ptr(), tile, padded_lanes<T>(n), ep);
+        }
+        for (int64_t r = 0; r < M; ++r) std::copy(c.ptr() + r * tile, c.ptr() + r * tile + n, O + (s * M + r) * N + n0);
+      }
+    });
+    return 0;
+  });
+  return out;
+}
+
 // ---- pools and the stem
 
 Tensor max_pool2x2(Tensor x) {
@@ -487,6 +527,7 @@ STABLE_TORCH_LIBRARY(timm_san_cpp, m) {
         "Tensor[] weights, Tensor[] biases, int kernel_size, int relation) -> (Tensor, Tensor)");
   m.def("pairwise_backward(Tensor grad_out, Tensor x1, Tensor x2, Tensor x3, Tensor position, Tensor[] norms, "
         "float[] eps, Tensor saved, Tensor[] weights, Tensor[] biases, int kernel_size, int relation) -> Tensor[]");
+  m.def("conv1x1(Tensor x, Tensor weight, Tensor bias) -> Tensor");
   m.def("max_pool2x2(Tensor x) -> Tensor");
   m.def("max_pool2x2_backward(Tensor grad, Tensor x) -> Tensor");
   m.def("stem(Tensor x, Tensor matrix, Tensor shift, bool winners) -> (Tensor, Tensor)");
@@ -507,6 +548,7 @@ STABLE_TORCH_LIBRARY_IMPL(timm_san_cpp, CPU, m) {
   m.impl("pairwise_train", TORCH_BOX(&san::pairwise_train));
   m.impl("pairwise_backward", TORCH_BOX(&san::pairwise_backward));
   m.impl("patchwise_eval", TORCH_BOX(&san::patchwise_eval));
+  m.impl("conv1x1", TORCH_BOX(&san::conv1x1));
   m.impl("max_pool2x2", TORCH_BOX(&san::max_pool2x2));
   m.impl("max_pool2x2_backward", TORCH_BOX(&san::max_pool2x2_backward));
   m.impl("stem", TORCH_BOX(&san::stem));

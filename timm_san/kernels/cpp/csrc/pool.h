@@ -13,22 +13,9 @@
 
 namespace san {
 
-// the position (0..3, row-major) of the winner of a window's four values, by MaxPool2d's rule
-template <class T>
-inline int window_winner(T v0, T v1, T v2, T v3) {
-  const T v[4] = {v0, v1, v2, v3};
-  int best = 0;
-  T m = v0;
-  for (int i = 1; i < 4; ++i)
-    if (v[i] > m || std::isnan(v[i])) {
-      m = v[i];
-      best = i;
-    }
-  return best;
-}
-
 template <class T>
 void pool2x2_forward(const T* x, int64_t planes, int64_t H, int64_t W, T* out) {
+  SAN_PHASE(kAggregate);
   const int64_t h = H / 2, w = W / 2;
   torch::stable::parallel_for(0, planes * h, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -38,9 +25,9 @@ void pool2x2_forward(const T* x, int64_t planes, int64_t H, int64_t W, T* out) {
       for (int64_t j = 0; j < w; ++j) {
         const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
         T m = a;
-        if (b > m || std::isnan(b)) m = b;
-        if (c > m || std::isnan(c)) m = c;
-        if (d > m || std::isnan(d)) m = d;
+        if (b > m || (b != b && m == m)) m = b;
+        if (c > m || (c != c && m == m)) m = c;
+        if (d > m || (d != d && m == m)) m = d;
         o[j] = m;
       }
     }
@@ -49,6 +36,7 @@ void pool2x2_forward(const T* x, int64_t planes, int64_t H, int64_t W, T* out) {
 
 template <class T>
 void pool2x2_backward(const T* grad, const T* x, int64_t planes, int64_t H, int64_t W, T* grad_x) {
+  SAN_PHASE(kScatter);
   const int64_t h = H / 2, w = W / 2;
   torch::stable::parallel_for(0, planes * h, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -58,11 +46,21 @@ void pool2x2_backward(const T* grad, const T* x, int64_t planes, int64_t H, int6
       T* g0 = grad_x + (plane * H + 2 * i) * W;
       T* g1 = g0 + W;
       const T* g = grad + row * w;
-      std::fill(g0, g0 + 2 * W, T(0));  // both rows, and the dropped last column
       for (int64_t j = 0; j < w; ++j) {
-        const int win = window_winner(r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]);
-        (win < 2 ? g0 : g1)[2 * j + (win & 1)] = g[j];
+        const T a = r0[2 * j], b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
+        // MaxPool2d's winner: the first maximum in row-major order, a NaN taking it from a number
+        T m = a;
+        int win = 0;
+        if (b > m || (b != b && m == m)) { m = b; win = 1; }
+        if (c > m || (c != c && m == m)) { m = c; win = 2; }
+        if (d > m || (d != d && m == m)) { m = d; win = 3; }
+        const T v = g[j];
+        g0[2 * j] = win == 0 ? v : T(0);
+        g0[2 * j + 1] = win == 1 ? v : T(0);
+        g1[2 * j] = win == 2 ? v : T(0);
+        g1[2 * j + 1] = win == 3 ? v : T(0);
       }
+      if (W % 2) g0[W - 1] = g1[W - 1] = T(0);  // the dropped last column
       if (H % 2 && i == h - 1) std::fill(g1 + W, g1 + 2 * W, T(0));  // the dropped last row
     }
   });
@@ -70,43 +68,49 @@ void pool2x2_backward(const T* grad, const T* x, int64_t planes, int64_t H, int6
 
 // The stem on a batch: out = relu(max over each window of (matrix . x + shift)) (B, O, H/2, W/2), and, given argmax,
 // each window's winner per channel (uint8, 0..3 row-major). matrix (O x C) and shift (O) hold the BatchNorm folded in.
+// Rows of the pooled map in parallel; each row's window pixels gathered by phase once, then every channel vectorised
+// over the row (the max and the winner by selects: the first maximum, a NaN winning).
 template <class T>
 void stem_pooled(const T* x, int64_t B, int64_t C, int64_t H, int64_t W, const T* matrix, const T* shift,
-                  int64_t O, T* out, uint8_t* argmax) {
-  const int64_t h = H / 2, w = W / 2;
+                 int64_t O, T* out, uint8_t* argmax) {
+  SAN_PHASE(kPack);
+  typedef vec_t<T> vt;
+  constexpr int L = Vec<T>::lanes;
+  const int64_t h = H / 2, w = W / 2, wv = padded_lanes<T>(w);
   torch::stable::parallel_for(0, B * h, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> phase(4 * C * w), y(w);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / h, i = row % h;
-      // the four pixels of every window of this pooled row, per input channel: phase[(p * C + c) * w + j]
+    Buffer<T> phase(4 * C * wv), row(wv), winner(wv);
+    std::fill(phase.ptr(), phase.ptr() + 4 * C * wv, T(0));
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / h, i = r % h;
       for (int64_t c = 0; c < C; ++c)
         for (int p = 0; p < 4; ++p) {
           const T* src = x + ((b * C + c) * H + 2 * i + p / 2) * W + (p & 1);
-          T* dst = phase.data() + (p * C + c) * w;
+          T* dst = phase.ptr() + (p * C + c) * wv;
           for (int64_t j = 0; j < w; ++j) dst[j] = src[2 * j];
         }
       for (int64_t o = 0; o < O; ++o) {
-        T* dst = out + ((b * O + o) * h + i) * w;
-        uint8_t* arg = argmax ? argmax + ((b * O + o) * h + i) * w : nullptr;
-        for (int p = 0; p < 4; ++p) {
-          std::fill(y.begin(), y.end(), shift[o]);
-          for (int64_t c = 0; c < C; ++c) {
-            const T m = matrix[o * C + c];
-            const T* src = phase.data() + (p * C + c) * w;
-            for (int64_t j = 0; j < w; ++j) y[j] += m * src[j];
-          }
-          if (p == 0) {
-            std::copy(y.begin(), y.end(), dst);
-            if (arg) std::fill(arg, arg + w, uint8_t(0));
-            continue;
-          }
-          for (int64_t j = 0; j < w; ++j)
-            if (y[j] > dst[j] || (std::isnan(y[j]) && !std::isnan(dst[j]))) {
-              dst[j] = y[j];
-              if (arg) arg[j] = uint8_t(p);
+        for (int64_t q = 0; q < wv; q += L) {
+          vt best = splat<T>(T(0)), arg = splat<T>(T(0));
+          for (int p = 0; p < 4; ++p) {
+            vt y = splat<T>(shift[o]);
+            for (int64_t c = 0; c < C; ++c) y += load<T>(phase.ptr() + (p * C + c) * wv + q) * matrix[o * C + c];
+            if (p == 0) {
+              best = y;
+              continue;
             }
+            // y wins where it is larger, or a NaN where the best so far is not
+            const auto wins = (y > best) | ((y != y) & (best == best));
+            best = wins ? y : best;
+            arg = wins ? splat<T>(T(p)) : arg;
+          }
+          store<T>(row.ptr() + q, (best > splat<T>(T(0))) | (best != best) ? best : splat<T>(T(0)));
+          store<T>(winner.ptr() + q, arg);
         }
-        for (int64_t j = 0; j < w; ++j) dst[j] = dst[j] > T(0) || std::isnan(dst[j]) ? dst[j] : T(0);
+        std::memcpy(out + ((b * O + o) * h + i) * w, row.ptr(), w * sizeof(T));
+        if (argmax) {
+          uint8_t* a = argmax + ((b * O + o) * h + i) * w;
+          for (int64_t j = 0; j < w; ++j) a[j] = uint8_t(winner.ptr()[j]);
+        }
       }
     }
   });
