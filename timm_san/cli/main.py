@@ -15,6 +15,7 @@ COMMANDS = {
     'convert': ('convert', 'convert an official checkpoint file into a folder timm loads and the Hub takes'),
     'upload': ('upload', 'upload converted folders to Hugging Face Hub repositories'),
     'publish': ('publish', 'download, verify, convert and upload the official weights (needs a Hub token)'),
+    'kernels': ('kernels', 'which kernels run here; build the compiled CPU kernels now (--build)'),
 }
 
 

@@ -134,6 +134,15 @@ def footprint_backward(grad: torch.Tensor, height: int, width: int, kernel_size:
     return reflect_pad_backward(grad_padded, height, width, pad)
 
 
+def _windows(padded: torch.Tensor, kernel_size: int):
+    """The ``k * k`` windows of a map padded by ``k // 2``, row-major: ``padded[..., i:i + H, j:j + W]`` written with
+    constant bounds (ends counted from the padded map's end)."""
+    last = kernel_size - 1
+    for i in range(kernel_size):
+        for j in range(kernel_size):
+            yield padded[..., i:(i - last) or None, j:(j - last) or None]
+
+
 def footprint(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Gather the ``k x k`` reflection-padded neighbourhood of every position.
 
@@ -145,11 +154,17 @@ def footprint(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
         Tensor of shape ``(B, C, k * k, H * W)``; ``[:, c, kh * k + kw, h * W + w]`` holds
         ``x[:, c, h + kh - k // 2, w + kw - k // 2]`` with reflection at the borders.
     """
+    # the k * k shifted windows of the padded map, stacked: slices with constant bounds, which ONNX Runtime runs as
+    # copies (where im2col's index arithmetic exported is several times slower)
     batch, channels, height, width = x.shape
-    # the k * k shifted windows of the padded map, stacked: slices, which graph exporters (ONNX) write as slices
     padded = reflect_pad(x, kernel_size // 2)
-    windows = [padded[:, :, i:i + height, j:j + width] for i in range(kernel_size) for j in range(kernel_size)]
-    return torch.stack(windows, dim=2).reshape(batch, channels, kernel_size * kernel_size, height * width)
+    if torch.compiler.is_compiling():
+        # a graph captured by dynamo (the dynamo ONNX exporter): im2col, one operator where the exporter would
+        # write each of the k * k slices as a dozen nodes
+        columns = F.unfold(padded, kernel_size)
+    else:
+        columns = torch.stack(list(_windows(padded, kernel_size)), dim=2)
+    return columns.reshape(batch, channels, kernel_size * kernel_size, height * width)
 
 
 def subtraction2(x1: torch.Tensor, x2: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -176,15 +191,19 @@ def aggregation(x: torch.Tensor, weight: torch.Tensor, kernel_size: int) -> torc
     """
     batch, channels, height, width = x.shape
     weight_channels = weight.shape[1]
+    if torch.compiler.is_compiling():  # a compact graph for dynamo (see footprint)
+        neighbours = footprint(x, kernel_size).view(
+            batch, channels // weight_channels, weight_channels, kernel_size * kernel_size, height * width)
+        return (neighbours * weight.unsqueeze(1)).sum(3).view(batch, channels, height, width)
     # channel c = g * Cw + s uses weight channel s: a reshape, no index copy; a sum over the k * k shifted windows,
     # so that nothing k * k-fold is held (an exported graph included)
-    padded = reflect_pad(x, kernel_size // 2).reshape(
-        batch, channels // weight_channels, weight_channels, height + kernel_size - 1, width + kernel_size - 1)
+    padded = reflect_pad(x, kernel_size // 2)
+    padded = padded.reshape(batch, channels // weight_channels, weight_channels, padded.shape[2], padded.shape[3])
     weight = weight.reshape(batch, 1, weight_channels, kernel_size * kernel_size, height, width)
-    out = padded[..., :height, :width] * weight[:, :, :, 0]
-    for index in range(1, kernel_size * kernel_size):
-        i, j = divmod(index, kernel_size)
-        out = out + padded[..., i:i + height, j:j + width] * weight[:, :, :, index]
+    out = None
+    for index, window in enumerate(_windows(padded, kernel_size)):
+        term = window * weight[:, :, :, index]
+        out = term if out is None else out + term
     return out.reshape(batch, channels, height, width)
 
 

@@ -9,6 +9,7 @@ ones as ``nn.BatchNorm2d`` would (the operator itself writes nothing).
 Kernels (chosen by ``timm_san.ops.dispatch.select_kernel``):
     * ``cpp``: the compiled loops of ``timm_san.kernels.cpp``, eval and training (float32/float64): one parallel
       loop per pass over tiles of pixels that stay in a core's cache, nothing ``k * k``-fold in memory;
+    * ``triton``: eval on CUDA, one fused kernel per SAM of the same design (``timm_san.kernels.triton.attention``);
     * ``cpu``: eval, the folded mapping a few footprint rows and samples at a time
       (``timm_san.kernels.cpu.attention_eval``); training in float32/float64, forward and backward without
       ``k * k``-fold buffers (``timm_san.kernels.cpu.attention_train``);
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from torch.library import custom_op
 
-from ..kernels import reference
+from ..kernels import reference, triton as attention_triton
+from ..kernels.common import fold_mapping
 from ..kernels.cpp import attention as attention_cpp
 from ..kernels.cpu import attention_eval, attention_train
 from ..kernels.cpu.conv1x1 import conv1x1_split
@@ -235,8 +237,11 @@ def _patchwise_reference_backward(
 # --- the operators
 
 def _kernel(op: str, x: torch.Tensor, batch_stats1: bool, batch_stats2: bool) -> str:
-    # the CPU kernels fold both norms one way: both with running statistics (eval) or both with batch ones
-    backends = ('cpp', 'cpu') if batch_stats1 == batch_stats2 else ()
+    # the CPU kernels fold both norms one way: both with running statistics (eval) or both with batch ones; the
+    # fused Triton kernel is eval's (training on CUDA is the reference, with the Triton gather operators)
+    backends = ()
+    if batch_stats1 == batch_stats2:
+        backends = ('cpp', 'cpu') if batch_stats1 else ('cpp', 'cpu', 'triton')
     return select_kernel(op, x, training=batch_stats1, backends=backends)
 
 
@@ -255,7 +260,7 @@ def _untagged(saved: torch.Tensor) -> Tuple[str, torch.Tensor]:
 
 
 def _eval_mapping(params: OptionalTensors, running: OptionalTensors) -> OptionalTensors:
-    """The mapping's tensors as ``attention_eval.fold_mapping`` takes them (running statistics interleaved)."""
+    """The mapping's tensors as ``kernels.common.fold_mapping`` takes them (running statistics interleaved)."""
     mapping = params[_CONVS:]
     return [*mapping[0:2], running[0], running[1], *mapping[2:6], running[2], running[3], *mapping[6:8]]
 
@@ -286,6 +291,11 @@ def _pairwise_attention(
     if kernel == 'cpp':
         out = attention_cpp.pairwise_eval(x, params, running, position, kernel_size, eps1, eps2)
         return out, x.new_empty(0), x.new_empty(0)
+    if kernel == 'triton':
+        x1, x2, x3 = _project(x, params[:_CONVS])
+        folded = fold_mapping(_eval_mapping(params, running), eps1, eps2)
+        return attention_triton.pairwise_eval(x1, x2, x3, position, folded, kernel_size), x.new_empty(0), \
+            x.new_empty(0)
     if kernel == 'cpu':
         x1, x2, x3 = _eval_projection(x, params)
         out = attention_eval.pairwise_attention(
@@ -377,6 +387,11 @@ def _patchwise_attention(
     if kernel == 'cpp':
         out = attention_cpp.patchwise_eval(x, params, running, kernel_size, eps1, eps2)
         return out, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    if kernel == 'triton':
+        x1, x2, x3 = _project(x, params[:_CONVS])
+        folded = fold_mapping(_eval_mapping(params, running), eps1, eps2)
+        return attention_triton.patchwise_eval(x1, x2, x3, folded, kernel_size), x.new_empty(0), x.new_empty(0), \
+            x.new_empty(0)
     if kernel == 'cpu':
         x1, x2, x3 = _eval_projection(x, params)
         out = attention_eval.patchwise_attention(x1, x2, x3, _eval_mapping(params, running), eps1, eps2, kernel_size)

@@ -29,7 +29,7 @@ from typing import Iterator, List, Optional
 
 import torch
 
-__all__ = ['library', 'unavailable_reason', 'cache_dir', 'build_command', 'MIN_TORCH']
+__all__ = ['library', 'unavailable_reason', 'built', 'cache_dir', 'build_command', 'MIN_TORCH']
 
 _logger = logging.getLogger('timm_san.ops')
 
@@ -130,21 +130,34 @@ def _build(compiler: str, target: Path) -> None:
               flush=True)
 
 
-def _load() -> None:
-    global _reason
+def _target() -> Path:
+    """Where this machine's build lives; an error that says why there can be none."""
     if tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]) < MIN_TORCH:
         raise RuntimeError(f'torch {torch.__version__} is older than {".".join(map(str, MIN_TORCH))} (the stable ABI '
                            f'the kernels are built on)')
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError('no C++ compiler found (set CXX, or install g++ or clang++)')
-    folder = cache_dir() / _key(compiler)
-    target = folder / f'{_NAMESPACE}.so'
+    return cache_dir() / _key(compiler) / f'{_NAMESPACE}.so'
+
+
+def built() -> Optional[Path]:
+    """The cached library for this machine, torch and sources, if it has been built (None otherwise)."""
+    try:
+        target = _target()
+    except RuntimeError:
+        return None
+    return target if target.exists() else None
+
+
+def _load() -> None:
+    target = _target()
+    folder = target.parent
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
         with _locked(folder / 'build.lock'):
             if not target.exists():  # another process may have built it while this one waited
-                _build(compiler, target)
+                _build(_compiler(), target)
     torch.ops.load_library(str(target))
 
 
