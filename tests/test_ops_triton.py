@@ -128,6 +128,46 @@ def test_aggregation_forward_and_backward(k, h, w, batch, weight_channels, devic
     assert only_x[1] is None and torch.equal(only_x[0], grad_x)
 
 
+def _sam_module(sa_type: str, planes: int, kernel_size: int, seed: int, share_planes: int = 8):
+    from timm_san.sam import SelfAttention
+    from reference import randomize_
+    module = SelfAttention(sa_type, planes, max(1, planes // 16), planes // 4, share_planes=share_planes,
+                           kernel_size=kernel_size)
+    return randomize_(module, seed=seed).double().eval()
+
+
+@kernels
+@pytest.mark.parametrize('sa_type', ['pairwise', 'patchwise'])
+@pytest.mark.parametrize('planes,share,k,h,w,batch', [
+    (32, 8, 3, 5, 6, 2), (64, 8, 7, 9, 10, 1), (32, 8, 7, 3, 4, 2), (48, 6, 5, 1, 6, 1)])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_fused_eval_attention_equals_the_reference(sa_type, planes, share, k, h, w, batch, dtype, device):
+    # the whole SAM after its convs in one kernel (online softmax for pairwise): against the reference operator,
+    # on maps where one reflection suffices and where it repeats (3x4 and 1x6 with k = 7, 5); 48 channels shared
+    # by 6: 6 groups of channels per weight channel, padded to 8 in the kernel
+    from timm_san.kernels.common import fold_mapping
+    module = _sam_module(sa_type, planes, k, seed=7, share_planes=share).to(dtype)
+    x = _rand(batch, planes, h, w, seed=8, dtype=dtype)
+    with ops.use_kernels('reference'), torch.no_grad():
+        expected = module(x)
+    params = [module.conv1, module.conv2, module.conv3]
+    x1, x2, x3 = (torch.nn.functional.conv2d(x, c.weight, c.bias) for c in params)
+    bn1, map1, bn2, map2 = module.conv_w[0], module.conv_w[2], module.conv_w[3], module.conv_w[5]
+    mapping = [bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, map1.weight, map1.bias, bn2.weight,
+               bn2.bias, bn2.running_mean, bn2.running_var, map2.weight, map2.bias]
+    folded = [t.detach() for t in fold_mapping(mapping, bn1.eps, bn2.eps)]
+    with torch.no_grad():
+        if sa_type == 'pairwise':
+            position = module.conv_p(ops.position_grid(x))
+            out = ops_triton.pairwise_eval(x1.to(device), x2.to(device), x3.to(device), position.to(device),
+                                           [t.to(device) for t in folded], k)
+        else:
+            out = ops_triton.patchwise_eval(x1.to(device), x2.to(device), x3.to(device),
+                                            [t.to(device) for t in folded], k)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    _close(out, expected, atol=tolerance, rtol=tolerance)
+
+
 @kernels
 @pytest.mark.parametrize('dtype,weight_dtype', [
     (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
@@ -247,3 +287,21 @@ def test_offsets_beyond_int32_on_cuda():
     out = ops_triton.aggregation(x, weight, k)
     torch.testing.assert_close(
         out[:, -2:].float(), reference.aggregation(x[:, -2:].float(), weight[:, -2:].float(), k), atol=2e-2, rtol=1e-2)
+
+
+@cuda_only
+@pytest.mark.parametrize('name', ['san10_pairwise', 'san10_patchwise'])
+def test_cuda_eval_model_runs_the_fused_kernel(name, caplog):
+    # eval on CUDA: every SAM one fused Triton kernel, equal to the reference within float32 rounding
+    import timm
+    from reference import randomize_
+    model = randomize_(timm.create_model(name, num_classes=10), seed=9).cuda().eval()
+    x = _rand(2, 3, 64, 64, seed=10, dtype=torch.float32).cuda()
+    caplog.set_level(logging.DEBUG, logger='timm_san.ops')
+    with torch.no_grad():
+        out = model(x)
+        attention = [m for m in _kernels_named(caplog) if 'attention' in m.split(':')[0]]
+        assert len(attention) == 10 and all(': triton kernel' in m for m in attention), attention
+        with ops.use_kernels('reference'):
+            expected = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
