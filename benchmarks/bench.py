@@ -7,8 +7,8 @@ figure on a shared machine), at more threads wall time. ``uptime`` is printed be
 
 * eval: batch 8 at 224px (img/s) and batch 1 (ms), in ``torch.inference_mode``;
 * training: one step at batch 16 (forward, cross-entropy, backward, SGD with momentum), seconds;
-* peak memory of a training step: the resident set's high-water mark above what the process held before the step
-  (``/proc/self/clear_refs``), everything counted whatever allocated it.
+* peak memory of a training step above what was held before it: PyTorch's allocations (the profiler's events)
+  plus the compiled kernels' own scratch (their pool's peak).
 
     python benchmarks/bench.py                                   # SAN10 against resnet26, 1 and 2 threads
     python benchmarks/bench.py --models resnet38 san15_patchwise san15_pairwise --rounds 5
@@ -34,20 +34,32 @@ def _uptime() -> str:
 
 # --- the worker: one process, one thread count
 
-def _peak_rss_bytes(step: Callable[[], None]) -> int:
-    """Resident set high-water mark during ``step`` above the resident set before it (Linux)."""
-    def status(field: str) -> int:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f'{field} not in /proc/self/status')
-
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')  # resets VmHWM to the current resident set
-    before = status('VmRSS:')
-    step()
-    return status('VmHWM:') - before
+def _peak_bytes(step: Callable[[], None]) -> int:
+    """Peak of the memory a training step allocates above what was held before it: the peak of PyTorch's CPU
+    allocations (from the profiler's allocation events, in time order) plus the peak of the compiled kernels'
+    scratch (their pool's count), which PyTorch does not see: an upper bound where the two peaks fall apart."""
+    import torch
+    from timm_san.kernels import cpp
+    scratch = cpp.built() is not None and cpp.library()
+    empty = torch.empty(0)
+    if scratch:
+        base = torch.ops.timm_san_cpp.memory_stats(empty, True)[0].item()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if type(node.extra_fields).__name__ == '_ExtraFields_Allocation':
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    current = peak = 0
+    for _, size in sorted(events):
+        current += size
+        peak = max(peak, current)
+    if scratch:
+        peak += int(torch.ops.timm_san_cpp.memory_stats(empty, False)[1].item() - base)
+    return peak
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -111,9 +123,9 @@ def _worker(args: argparse.Namespace) -> None:
         print(f'  {threads} thread(s): round {round_index + 1}/{args.rounds}', file=sys.stderr, flush=True)
     peaks = {}
     if 'train' in args.what:
+        _peak_bytes(next(iter(runners.values())).train)  # the profiler's first run allocates for itself
         for name, r in runners.items():
-            r.train()
-            peaks[name] = _peak_rss_bytes(r.train)
+            peaks[name] = _peak_bytes(r.train)
     json.dump({'threads': threads, 'times': times, 'peaks': peaks}, sys.stdout)
 
 

@@ -283,11 +283,10 @@ def test_paper_recipe_flags(scripts, data, tmp_path):
     assert len(groups[0]['params']) == len(list(timm.create_model(MODEL, num_classes=3).parameters()))
 
 
-@pytest.mark.skipif(not os.environ.get('TIMM_SAN_TEST_COMPILE'), reason='set TIMM_SAN_TEST_COMPILE=1 to try '
-                    'train.py --torchcompile on CPU (Inductor took over 30 minutes on the training step; see docs/training.md)')
 def test_torchcompile(scripts, data, tmp_path):
-    # training step and evaluation (train.py compiles the model it validates with, too)
+    # training step and evaluation (train.py compiles the model it validates with, too): the attention operators
+    # are opaque calls inside the compiled graphs; on 2 CPU cores the first step compiles in about 30 s
     folder, log = _train(
-        scripts, data, str(tmp_path), 'compiled', '--num-classes', '3', '--torchcompile', size=EVAL_SIZE, timeout=3600)
+        scripts, data, str(tmp_path), 'compiled', '--num-classes', '3', '--torchcompile', size=EVAL_SIZE, timeout=600)
     assert 'Compiling task components with backend=inductor' in log
     assert [row['epoch'] for row in _summary(folder)] == ['0']

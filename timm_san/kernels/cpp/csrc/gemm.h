@@ -122,12 +122,12 @@ inline void panel_product(const T* a, int64_t depth, const T* b, int64_t ldb, T*
   }
 }
 
-// C (padded rows x n) from packed A and B (depth x n, row stride ldb); n a multiple of the vector lanes
+// C (prows x n) from prows packed rows (whole panels of `panel` rows) and B (depth x n, row stride ldb); n a multiple
+// of the vector lanes; the epilogue's per-row vectors start at the first of these rows
 template <class T>
-void gemm(const T* a_packed, int64_t rows, int64_t depth, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t n,
-          const Epilogue<T>& ep) {
+void gemm_rows(const T* a_packed, int64_t prows, int64_t panel, int64_t depth, const T* b, int64_t ldb, T* c,
+               int64_t ldc, int64_t n, const Epilogue<T>& ep) {
   SAN_PHASE(kProduct);
-  const int64_t panel = panel_rows(rows), prows = padded_rows(rows);
   for (int64_t r0 = 0; r0 < prows; r0 += panel) {
     const T* a = a_packed + r0 * depth;
     T* cc = c + r0 * ldc;
@@ -140,6 +140,13 @@ void gemm(const T* a_packed, int64_t rows, int64_t depth, const T* b, int64_t ld
       default: panel_product<T, kPanel, kBlock>(a, depth, b, ldb, cc, ldc, n, r0, ep); break;
     }
   }
+}
+
+// C (padded rows x n) from packed A (rows x depth) and B (depth x n, row stride ldb)
+template <class T>
+void gemm(const T* a_packed, int64_t rows, int64_t depth, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t n,
+          const Epilogue<T>& ep) {
+  gemm_rows<T>(a_packed, padded_rows(rows), panel_rows(rows), depth, b, ldb, c, ldc, n, ep);
 }
 
 template <class T>

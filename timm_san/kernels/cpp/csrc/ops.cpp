@@ -106,7 +106,7 @@ Pairwise<T> make_pairwise(const Tensor& x1, const Tensor& x2, const Tensor& x3, 
     stored = stored_lanes<T>(ins, 1, offsets, kStoredBytes);
   }
   Pairwise<T> p(map_view<T>(x1, "x1"), map_view<T>(x2, "x2"), map_view<T>(x3, "x3"), ptr<T>(position), relation,
-                kernel_size, last.size(0), torch::stable::get_num_threads(), stored ? stored : widest);
+                kernel_size, last.size(0), torch::stable::get_num_threads(), stored ? stored : widest, backward);
   p.store_hidden = stored > 0;
   p.store_from = from;
   set_layers(p.map, weights, biases);
@@ -205,10 +205,11 @@ std::vector<Tensor> pairwise_backward_t(const Tensor& grad_out, const Tensor& x1
 
 template <class T>
 Patchwise<T> make_patchwise(const Tensor& x1, const Tensor& x2, const Tensor& x3, int64_t kernel_size,
-                            int64_t relation, const std::vector<Tensor>& weights, const std::vector<Tensor>& biases) {
+                            int64_t relation, const std::vector<Tensor>& weights, const std::vector<Tensor>& biases,
+                            bool backward = false) {
   const int64_t offsets = kernel_size * kernel_size;
   Patchwise<T> p(map_view<T>(x1, "x1"), map_view<T>(x2, "x2"), map_view<T>(x3, "x3"), relation, kernel_size,
-                 weights.back().size(0) / offsets, torch::stable::get_num_threads());
+                 weights.back().size(0) / offsets, torch::stable::get_num_threads(), backward);
   set_layers(p.map, weights, biases);
   STD_TORCH_CHECK(p.map.in[0] == p.relation_channels(), "the mapping's first layer takes ", p.map.in[0],
                   " channels, the relation has ", p.relation_channels());
@@ -302,7 +303,7 @@ std::vector<Tensor> patchwise_backward_t(const Tensor& grad_out, const Tensor& x
                                          const std::vector<Tensor>& norms, const std::vector<double>& eps,
                                          const Tensor& saved, const Tensor& hidden, const std::vector<Tensor>& weights,
                                          const std::vector<Tensor>& biases, int64_t kernel_size, int64_t relation) {
-  Patchwise<T> p = make_patchwise<T>(x1, x2, x3, kernel_size, relation, weights, biases);
+  Patchwise<T> p = make_patchwise<T>(x1, x2, x3, kernel_size, relation, weights, biases, true);
   set_saved_norms(p.map, norms, saved, eps);
   const int64_t B = p.B, R = p.R, C = p.C, H = p.H, W = p.W, L = p.map.layers;
   std::vector<T*> blocks = hidden_blocks(p, static_cast<T*>(hidden.data_ptr()));
@@ -405,23 +406,33 @@ Tensor conv1x1(Tensor x, Tensor weight, Tensor bias) {
     const T* X = static_cast<const T*>(x.data_ptr());
     T* O = static_cast<T*>(out.data_ptr());
     const int64_t tiles = (N + tile - 1) / tile;
-    torch::stable::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    // few tiles (a small batch of small maps): the output's rows split too, in blocks of whole panels
+    const int64_t threads = torch::stable::get_num_threads(), panel = panel_rows(M), panels = padded_rows(M) / panel;
+    const int64_t blocks = std::min(panels, std::max<int64_t>(1, 2 * threads / std::max<int64_t>(1, B * tiles)));
+    const int64_t block_panels = (panels + blocks - 1) / blocks;
+    torch::stable::parallel_for(0, B * tiles * blocks, 1, [&](int64_t begin, int64_t end) {
       Buffer<T> c(padded_rows(M) * tile), xb(K * tile);
-      Epilogue<T> ep;
-      ep.bias = b.data();
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t s = i / tiles, n0 = (i % tiles) * tile, n = std::min(tile, N - n0);
+        const int64_t item = i / blocks, r0 = (i % blocks) * block_panels * panel;
+        const int64_t rows = std::min(M - r0, block_panels * panel);
+        if (rows <= 0) continue;
+        const int64_t s = item / tiles, n0 = (item % tiles) * tile, n = std::min(tile, N - n0);
         const T* src = X + s * K * N + n0;
+        Epilogue<T> ep;
+        ep.bias = b.data() + r0;
+        const T* a = w.ptr() + r0 * K;  // whole panels: the packed rows of panel r0 / panel on
+        const int64_t rows_padded = std::min(padded_rows(M) - r0, block_panels * panel);
         if (n == tile) {
-          gemm<T>(w, src, N, c.ptr(), tile, tile, ep);
+          gemm_rows<T>(a, rows_padded, panel, K, src, N, c.ptr(), tile, tile, ep);
         } else {  // the last columns, copied out so that whole vectors can be read
           for (int64_t k = 0; k < K; ++k) {
             std::copy(src + k * N, src + k * N + n, xb.ptr() + k * tile);
             std::fill(xb.ptr() + k * tile + n, xb.ptr() + (k + 1) * tile, T(0));
           }
-          gemm<T>(w, xb.ptr(), tile, c.ptr(), tile, padded_lanes<T>(n), ep);
+          gemm_rows<T>(a, rows_padded, panel, K, xb.ptr(), tile, c.ptr(), tile, padded_lanes<T>(n), ep);
         }
-        for (int64_t r = 0; r < M; ++r) std::copy(c.ptr() + r * tile, c.ptr() + r * tile + n, O + (s * M + r) * N + n0);
+        for (int64_t r = 0; r < rows; ++r)
+          std::copy(c.ptr() + r * tile, c.ptr() + r * tile + n, O + (s * M + r0 + r) * N + n0);
       }
     });
     return 0;

@@ -37,12 +37,12 @@ struct Pairwise {
 
   // lanes: lanes of the widest tile (a multiple of the vector width)
   Pairwise(MapView<T> x1_, MapView<T> x2_, MapView<T> x3_, const T* position_, int64_t relation_, int64_t ks_,
-           int64_t weight_channels, int64_t threads, int64_t lanes)
+           int64_t weight_channels, int64_t threads, int64_t lanes, bool backward)
       : x1(x1_), x2(x2_), x3(x3_), position(position_), relation(relation_), B(x1_.batch), R(x1_.channels),
         C(x3_.channels), H(x1_.height), W(x1_.width), ks(ks_), KK(ks_ * ks_), pad(ks_ / 2), Hp(H + 2 * pad),
         Wp(W + 2 * pad), rel_channels(pair_relation_channels(relation_, x1_.channels)),
         in_channels(rel_channels + (position_ ? 2 : 0)),
-        plan(x1_.batch, H, W, ks_, lanes, Vec<T>::lanes, threads), Cw(weight_channels),
+        plan(x1_.batch, H, W, ks_, lanes, Vec<T>::lanes, threads, backward), Cw(weight_channels),
         agg(x3_.channels, weight_channels, ks_, x1_.height + 2 * (ks_ / 2), x1_.width + 2 * (ks_ / 2)) {
     x1p = Buffer<T>(B * R * Hp * Wp);
     x2p = Buffer<T>(B * R * Hp * Wp);

@@ -28,10 +28,10 @@ struct Patchwise {
   AggregationShape agg;
 
   Patchwise(MapView<T> x1_, MapView<T> x2_, MapView<T> x3_, int64_t relation_, int64_t ks_, int64_t weight_channels,
-            int64_t threads)
+            int64_t threads, bool backward)
       : x1(x1_), x2(x2_), x3(x3_), relation(relation_), B(x1_.batch), R(x1_.channels), C(x3_.channels),
         H(x1_.height), W(x1_.width), ks(ks_), KK(ks_ * ks_), pad(ks_ / 2), Hp(H + 2 * pad), Wp(W + 2 * pad),
-        Cw(weight_channels), plan(x1_.batch, H, W, ks_, kBlock * Vec<T>::lanes, Vec<T>::lanes, threads),
+        Cw(weight_channels), plan(x1_.batch, H, W, ks_, kBlock * Vec<T>::lanes, Vec<T>::lanes, threads, backward),
         agg(x3_.channels, weight_channels, ks_, x1_.height + 2 * (ks_ / 2), x1_.width + 2 * (ks_ / 2)) {
     x1p = Buffer<T>(B * R * Hp * Wp);
     x2p = Buffer<T>(B * R * Hp * Wp);

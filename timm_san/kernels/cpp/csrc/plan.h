@@ -43,9 +43,10 @@ struct Plan {
   std::vector<Tile> tiles;
   std::vector<Band> bands;
 
-  // lanes_max: lanes one tile may hold; min_band_rows: bands shorter than this (but the last, which takes the
-  // remainder) are not made (scatters need a band at least 2 * pad rows high)
-  Plan(int64_t B, int64_t H, int64_t W, int64_t ks, int64_t lanes_max, int64_t vector_lanes, int64_t threads)
+  // lanes_max: lanes one tile may hold; scatter: the passes scatter gradients onto neighbours, which needs bands of
+  // at least 2 * pad rows (BandScatter), else a band may be a single tile
+  Plan(int64_t B, int64_t H, int64_t W, int64_t ks, int64_t lanes_max, int64_t vector_lanes, int64_t threads,
+       bool scatter)
       : batch(B), height(H), width(W), kernel_size(ks), pad(ks / 2), padded_height(H + 2 * (ks / 2)),
         padded_width(W + 2 * (ks / 2)), max_extended(0) {
     threads = std::max<int64_t>(1, threads);
@@ -58,8 +59,9 @@ struct Plan {
     }
     const int64_t seg_len = (W + segments - 1) / segments;
     max_lanes = (std::max(rows * W, seg_len) + vector_lanes - 1) / vector_lanes * vector_lanes;
-    // bands: whole samples while there are enough of them, else shorter (at least 2 * pad rows and one tile)
-    const int64_t min_rows = std::min(H, std::max<int64_t>(2 * pad, rows));
+    // bands: whole samples while there are enough of them, else shorter (at least one tile, and 2 * pad rows where
+    // they scatter)
+    const int64_t min_rows = std::min(H, std::max<int64_t>(scatter ? 2 * pad : 1, rows));
     int64_t band_rows = H;
     while (B * ((H + band_rows - 1) / band_rows) < 2 * threads && band_rows / 2 >= min_rows) band_rows /= 2;
     band_rows = std::max(min_rows, band_rows / rows * rows);
