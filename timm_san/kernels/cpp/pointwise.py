@@ -6,6 +6,7 @@ training stem (``timm_san.kernels.cpu.stem_train``); the passes over the full-re
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..common import bn_scale_shift, input_moments
 from ..cpu.stem_train import add_statistics_grad, stem_statistics
@@ -13,9 +14,15 @@ from ..cpu.stem_train import add_statistics_grad, stem_statistics
 __all__ = ['conv1x1', 'conv1x1_backward', 'max_pool2x2', 'max_pool2x2_backward', 'stem_eval', 'stem_forward',
            'stem_backward']
 
+# below this many pixels (all samples together) oneDNN's 1x1 conv beats the pixel tiles, which then leave threads
+# idle: b8 7x7 runs 1.3x faster, b1 7x7 1.7x at two threads (docs/kernels.md, "1x1 convs")
+SMALL_MAP_PIXELS = 1024
+
 
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``conv2d(x, weight, bias)`` for a 1x1 weight: tiles of pixels of every sample in parallel."""
+    if x.shape[0] * x.shape[2] * x.shape[3] < SMALL_MAP_PIXELS:
+        return F.conv2d(x, weight.reshape(weight.shape[0], -1, 1, 1), bias)
     matrix = weight.reshape(weight.shape[0], -1).contiguous()
     return torch.ops.timm_san_cpp.conv1x1(x.contiguous(), matrix, x.new_empty(0) if bias is None else bias)
 
@@ -28,8 +35,7 @@ def conv1x1_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     _, grad_weight, grad_bias = matmul_backward(grad, x, weight, input_grad=False)
     grad_x = None
     if input_grad:
-        matrix_t = weight.reshape(weight.shape[0], -1).t().contiguous()
-        grad_x = torch.ops.timm_san_cpp.conv1x1(grad.contiguous(), matrix_t, x.new_empty(0))
+        grad_x = conv1x1(grad, weight.reshape(weight.shape[0], -1).t(), None)
     return grad_x, grad_weight, grad_bias
 
 
