@@ -13,6 +13,7 @@ figure on a shared machine), at more threads wall time. ``uptime`` is printed be
     python benchmarks/bench.py                                   # SAN10 against resnet26, 1 and 2 threads
     python benchmarks/bench.py --models resnet38 san15_patchwise san15_pairwise --rounds 5
     python benchmarks/bench.py --kernels cpu                     # SAN on another backend (TIMM_SAN_KERNELS)
+    python benchmarks/bench.py --what eval --after-threads 1     # also: 2 threads after a run at 1, one process
 """
 import argparse
 import json
@@ -20,7 +21,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 DEFAULT_MODELS = ('resnet26', 'san10_patchwise', 'san10_pairwise')
 
@@ -107,6 +108,12 @@ def _worker(args: argparse.Namespace) -> None:
         return (clock() - start) / repeat
 
     runners = {name: Runner(name) for name in args.models}
+    if args.after_threads:  # a history: every model first runs at another thread count in this process
+        torch.set_num_threads(args.after_threads)
+        for r in runners.values():
+            for _ in range(3):
+                r.infer(args.batch), r.infer(1)
+        torch.set_num_threads(threads)
     for r in runners.values():  # warm up: allocator, kernels, lazy init
         for _ in range(2):
             r.infer(args.batch), r.infer(1)
@@ -126,15 +133,17 @@ def _worker(args: argparse.Namespace) -> None:
         _peak_bytes(next(iter(runners.values())).train)  # the profiler's first run allocates for itself
         for name, r in runners.items():
             peaks[name] = _peak_bytes(r.train)
-    json.dump({'threads': threads, 'times': times, 'peaks': peaks}, sys.stdout)
+    json.dump({'threads': threads, 'after': args.after_threads, 'times': times, 'peaks': peaks}, sys.stdout)
 
 
 # --- the parent: a worker per thread count, then the tables
 
-def _run_worker(args: argparse.Namespace, threads: int) -> dict:
+def _run_worker(args: argparse.Namespace, threads: int, after: Optional[int] = None) -> dict:
     command = [sys.executable, os.path.abspath(__file__), '--worker', '--threads', str(threads), '--rounds',
                str(args.rounds), '--batch', str(args.batch), '--train-batch', str(args.train_batch), '--models',
                *args.models, '--what', *args.what]
+    if after:
+        command += ['--after-threads', str(after)]
     env = dict(os.environ)
     if args.kernels:
         env['TIMM_SAN_KERNELS'] = args.kernels
@@ -148,7 +157,9 @@ def _tables(args: argparse.Namespace, runs: List[dict]) -> str:
     for run in runs:
         t, threads = run['times'], run['threads']
         unit = 'CPU time' if threads == 1 else 'wall time'
-        lines += [f'**{threads} thread(s)** ({unit}, minimum of {args.rounds} rounds; spread = max / min)', '']
+        history = f', after a run at {run["after"]} thread(s) in the same process' if run.get('after') else ''
+        lines += [f'**{threads} thread(s)**{history} ({unit}, minimum of {args.rounds} rounds; spread = max / min)',
+                  '']
         head = '| model |'
         rule = '|---|'
         if 'eval' in args.what:
@@ -174,8 +185,9 @@ def _tables(args: argparse.Namespace, runs: List[dict]) -> str:
                         f'{peak:.0f} | {peak_ratio} |')
             lines.append(row)
         lines.append('')
-    if len(runs) > 1 and 'eval' in args.what:
-        one, more = runs[0], runs[-1]
+    fresh = [run for run in runs if not run.get('after')]
+    if len(fresh) > 1 and 'eval' in args.what:
+        one, more = fresh[0], fresh[-1]
         lines += [f'Speed-up from {one["threads"]} to {more["threads"]} threads (eval b{args.batch}; CPU time at 1 '
                   f'thread, wall time beyond):', '']
         lines += ['| model | speed-up |', '|---|---:|']
@@ -195,6 +207,8 @@ def main() -> None:
     parser.add_argument('--what', nargs='+', default=['eval', 'train'], choices=['eval', 'train'])
     parser.add_argument('--reference', default='resnet26', help='model the ratios are taken against')
     parser.add_argument('--kernels', default=None, help='TIMM_SAN_KERNELS for the workers (default: as set)')
+    parser.add_argument('--after-threads', type=int, default=None,
+                        help='also measure each thread count in a process that first ran the models at this many')
     parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -206,6 +220,9 @@ def main() -> None:
           f'TIMM_SAN_KERNELS={args.kernels or os.environ.get("TIMM_SAN_KERNELS", "all")}\n')
     print(f'uptime before: {_uptime()}\n')
     runs = [_run_worker(args, threads) for threads in args.threads]
+    if args.after_threads and not args.worker:
+        runs += [_run_worker(args, threads, args.after_threads) for threads in args.threads
+                 if threads != args.after_threads]
     print(_tables(args, runs))
     print(f'uptime after: {_uptime()}')
 

@@ -3,7 +3,8 @@
 Builds the kernels with per-phase cycle counters (``TIMM_SAN_CPP_DEFINES=SAN_PROFILE``, a cache entry of its own),
 then runs each stage's SAM (random maps and parameters, SAN10's shapes at 224px) on one thread: eval, or a training
 forward and backward (``--train``). Prints the CPU time of one call (minimum of ``--repeats``), the share of each
-phase in the counted cycles, and the products' throughput in multiply-adds of the mapping per second.
+phase in the counted cycles, and (eval) the products' throughput: the mapping's multiply-adds over the product
+phase's share of the call.
 
     python benchmarks/profile_kernels.py
     python benchmarks/profile_kernels.py --train --batch 16
@@ -56,6 +57,16 @@ def call(kind: str, train: bool, batch: int, width: int, side: int, k: int):
     return step
 
 
+def mapping_macs(kind: str, batch: int, width: int, side: int, k: int) -> int:
+    """Multiply-adds of the weight mapping's two layers in one eval call (what the product phase computes)."""
+    planes, weight_planes, offsets = width // 16, width // 32, k * k
+    if kind == 'pairwise':  # both layers at every pixel and offset
+        per_pixel = offsets * ((planes + 2) * planes + planes * weight_planes)
+    else:  # the footprint's relation to the hidden layer, then the hidden layer to every offset's weights
+        per_pixel = planes * (offsets + 1) * weight_planes + weight_planes * offsets * weight_planes
+    return batch * side * side * per_pixel
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--train', action='store_true', help='a training forward and backward (default: eval)')
@@ -67,8 +78,8 @@ def main() -> None:
         raise SystemExit(f'the compiled kernels are unavailable: {cpp.unavailable_reason()}')
     empty = torch.empty(0)
     print(f'{"training forward and backward" if args.train else "eval"}, batch {args.batch}, 1 thread, CPU time\n')
-    print('| SAM | width | map | ms per call | ' + ' | '.join(PHASES) + ' |')
-    print('|---|---:|---:|---:|' + '---:|' * len(PHASES))
+    print('| SAM | width | map | ms per call | ' + ' | '.join(PHASES) + ' |' + ('' if args.train else ' GMAC/s |'))
+    print('|---|---:|---:|---:|' + '---:|' * (len(PHASES) + (0 if args.train else 1)))
     for width, side, k in STAGES:
         for kind in ('pairwise', 'patchwise'):
             fn = call(kind, args.train, args.batch, width, side, k)
@@ -82,8 +93,12 @@ def main() -> None:
                 if elapsed < best:
                     best, counters = elapsed, torch.ops.timm_san_cpp.profile_counters(empty, True)
             shares = counters / counters.sum()
+            rate = ''
+            if not args.train:  # the mapping's multiply-adds over the product phase's share of the call
+                product_seconds = best * shares[PHASES.index('product')].item()
+                rate = f' {mapping_macs(kind, args.batch, width, side, k) / product_seconds / 1e9:.0f} |'
             print(f'| {kind} | {width} | {side} | {best * 1e3:.1f} | '
-                  + ' | '.join(f'{s:.0%}' if s > 0 else '' for s in shares.tolist()) + ' |')
+                  + ' | '.join(f'{s:.0%}' if s > 0 else '' for s in shares.tolist()) + ' |' + rate)
 
 
 if __name__ == '__main__':
