@@ -35,7 +35,7 @@ def _uptime() -> str:
 
 # --- the worker: one process, one thread count
 
-def _peak_bytes(step: Callable[[], None]) -> int:
+def peak_bytes(step: Callable[[], None]) -> int:
     """Peak of the memory a training step allocates above what was held before it: the peak of PyTorch's CPU
     allocations (from the profiler's allocation events, in time order) plus the peak of the compiled kernels'
     scratch (their pool's count), which PyTorch does not see: an upper bound where the two peaks fall apart."""
@@ -130,9 +130,9 @@ def _worker(args: argparse.Namespace) -> None:
         print(f'  {threads} thread(s): round {round_index + 1}/{args.rounds}', file=sys.stderr, flush=True)
     peaks = {}
     if 'train' in args.what:
-        _peak_bytes(next(iter(runners.values())).train)  # the profiler's first run allocates for itself
+        peak_bytes(next(iter(runners.values())).train)  # the profiler's first run allocates for itself
         for name, r in runners.items():
-            peaks[name] = _peak_bytes(r.train)
+            peaks[name] = peak_bytes(r.train)
     json.dump({'threads': threads, 'after': args.after_threads, 'times': times, 'peaks': peaks}, sys.stdout)
 
 

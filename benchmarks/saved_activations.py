@@ -63,9 +63,7 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=16)
     args = parser.parse_args()
     results = {name: saved_by_stage(name, args.batch) for name in args.models}
-    stages = []
-    for totals in results.values():
-        stages += [s for s in totals if s not in stages]
+    stages = sorted({s for totals in results.values() for s in totals}, key=lambda s: (s != 'stem', s == 'head', s))
     print(f'Saved for the backward of a training step, batch {args.batch}, 224px, MiB\n')
     print('| stage | ' + ' | '.join(args.models) + ' |')
     print('|---|' + '---:|' * len(args.models))
