@@ -44,7 +44,7 @@ KERNELS = (3, 7, 7, 7, 7)
 
 
 def install_cupy_compat() -> None:
-    """Provide ``lib.sa.functions.utils`` (Dtype, Stream, load_kernel) on today's CuPy, before the release imports it."""
+    """Provide ``lib.sa.functions.utils`` (Dtype, Stream, load_kernel) on today's CuPy before the release imports it."""
     import cupy
 
     def dtype_name(t: torch.Tensor) -> str:

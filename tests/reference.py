@@ -328,3 +328,64 @@ def official_checkpoint(model: nn.Module) -> dict:
     state_dict = {'module.' + k: v.clone() for k, v in model.state_dict().items()}
     return {'epoch': 100, 'state_dict': state_dict, 'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(), 'top1_val': 0.771, 'top5_val': 0.935}
+
+
+# --- the paper's design space (Section 3), written from its definitions: for the variants the official release
+# does not ship. Maps come after the three projections: x1 = phi(x), x2 = psi(x), x3 = beta(x).
+
+def pair_relation(centre: torch.Tensor, neighbours: torch.Tensor, relation: str) -> torch.Tensor:
+    """``delta(phi(x_i), psi(x_j))`` for every neighbour: centre (B, R, 1, HW), neighbours (B, R, k*k, HW)."""
+    if relation == 'subtraction':
+        return centre - neighbours
+    if relation == 'summation':
+        return centre + neighbours
+    if relation == 'hadamard':
+        return centre * neighbours
+    if relation == 'concatenation':
+        return torch.cat([centre.expand_as(neighbours), neighbours], dim=1)
+    if relation == 'dot':
+        return (centre * neighbours).sum(dim=1, keepdim=True)
+    raise ValueError(relation)
+
+
+def design_mapping(relation: torch.Tensor, layers: Sequence[dict], training: bool) -> torch.Tensor:
+    """``gamma``: per layer BatchNorm (batch statistics in training, else running ones), ReLU, 1x1 conv."""
+    out = relation
+    for layer in layers:
+        out = F.batch_norm(out, layer['mean'], layer['var'], layer['norm_weight'], layer['norm_bias'],
+                           training=training, eps=layer['eps'])
+        out = F.conv2d(F.relu(out), layer['weight'], layer['bias'])
+    return out
+
+
+def design_pairwise(x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor, position, layers: Sequence[dict], k: int,
+                    relation: str, training: bool) -> torch.Tensor:
+    """y_i = sum_j softmax_j(gamma(delta(x1_i, x2_j) [, p_i - p_j])) * x3_j, weight channel c % Cw."""
+    batch, _, height, width = x1.shape
+    hw = height * width
+    rel = pair_relation(x1.reshape(batch, -1, 1, hw), _neighbours(x2, k, official_pad), relation)
+    if position is not None:
+        rel_p = position.reshape(1, 2, 1, hw) - _neighbours(position, k, official_pad)
+        rel = torch.cat([rel, rel_p.expand(batch, -1, -1, -1)], dim=1)
+    weights = torch.softmax(design_mapping(rel, layers, training), dim=2)
+    return _aggregate(x3, weights, k)
+
+
+def design_patchwise(x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor, layers: Sequence[dict], k: int,
+                     relation: str, training: bool) -> torch.Tensor:
+    """y_i = sum_j gamma(delta(x_R(i)))_j * x3_j; concatenation: [x1_i, x2_j for j in R(i)], channel-major as unfold
+    orders it (star and clique come with issue 17)."""
+    batch, channels, height, width = x1.shape
+    hw, kk = height * width, k * k
+    if relation != 'concatenation':
+        raise ValueError(relation)
+    rel = torch.cat([x1.reshape(batch, channels, hw), _neighbours(x2, k, official_pad).reshape(batch, -1, hw)], 1)
+    weights = design_mapping(rel.unsqueeze(2), layers, training)
+    return _aggregate(x3, weights.reshape(batch, -1, kk, hw), k)
+
+
+def _aggregate(x3: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
+    batch, channels, height, width = x3.shape
+    cw = weights.shape[1]
+    neigh = _neighbours(x3, k, official_pad).view(batch, channels // cw, cw, k * k, height * width)
+    return (weights.unsqueeze(1) * neigh).sum(dim=3).view(batch, channels, height, width)

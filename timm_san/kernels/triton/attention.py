@@ -11,7 +11,7 @@ Channel counts are padded to powers of two (of at least 16 for ``tl.dot``'s oper
 Sums run in float32 (float64 for float64 maps), products with ``input_precision='ieee'`` (no TF32). Under
 Triton's interpreter (``TRITON_INTERPRET=1``) the kernels run on CPU tensors, which is how the tests check them.
 """
-from typing import List, Optional
+from typing import List
 
 import torch
 import triton
