@@ -1,10 +1,12 @@
 """ Where the CPU time of a model goes: the profiler's operator table for an eval forward or a training step
 
     python benchmarks/profile_cpu.py --models san10_patchwise san10_pairwise resnet26 --mode eval --batch 8
+    python benchmarks/profile_cpu.py --models san10_pairwise --mode train --batch 16 --threads 1 --compile
 
 Each model is warmed up once, then profiled over ``--steps`` calls; the table lists the operators by total self CPU
-time, with their share of the wall time of those calls. Meant to be read next to ``bench.py``'s ratios, where a
-target is out of reach.
+time, with their share of the wall time of those calls. With ``--compile`` the model runs under ``torch.compile``
+(compiled by the warm-up call) and Inductor names its generated kernels, whose sum is printed under the table.
+Meant to be read next to ``bench.py``'s ratios, where a target is out of reach.
 """
 import argparse
 import time
@@ -25,8 +27,11 @@ def _step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, train: 
             model(x)
 
 
-def profile(name: str, train: bool, batch: int, size: int, steps: int, top: int) -> None:
+def profile(name: str, train: bool, batch: int, size: int, steps: int, top: int, compiled: bool) -> None:
     model = timm.create_model(name).train(train)
+    if compiled:
+        torch._inductor.config.cpp.enable_kernel_profile = True  # Inductor's kernels by name in the profile
+        model = torch.compile(model)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen)
     target = torch.randint(0, 1000, (batch,), generator=gen)
@@ -38,7 +43,8 @@ def profile(name: str, train: bool, batch: int, size: int, steps: int, top: int)
         wall = (time.perf_counter() - start) / steps
     rows = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     rows.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    print(f'\n### {name}, {"training step" if train else "eval"}, batch {batch}, {size}px, '
+    title = f'{name}{" compiled" if compiled else ""}, {"training step" if train else "eval"}'
+    print(f'\n### {title}, batch {batch}, {size}px, '
           f'{torch.get_num_threads()} thread(s): {wall:.3f} s per call (profiled)\n')
     print('| operator | calls per step | self CPU s per step | share of wall |')
     print('|---|---:|---:|---:|')
@@ -48,6 +54,9 @@ def profile(name: str, train: bool, batch: int, size: int, steps: int, top: int)
         shown += seconds
         print(f'| {event.key} | {event.count // steps} | {seconds:.3f} | {seconds / wall:.0%} |')
     print(f'| (all others) | | {sum(e.self_cpu_time_total for e in rows[top:]) / 1e6 / steps:.3f} | |')
+    if compiled:
+        generated = sum(e.self_cpu_time_total for e in rows if e.key.startswith('graph_')) / 1e6 / steps
+        print(f'\nInductor\'s generated kernels: {generated:.3f} s per call')
 
 
 def main() -> None:
@@ -59,11 +68,12 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--steps', type=int, default=3)
     parser.add_argument('--top', type=int, default=15)
+    parser.add_argument('--compile', action='store_true', help='profile the model under torch.compile')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f'torch {torch.__version__}')
     for name in args.models:
-        profile(name, args.mode == 'train', args.batch, args.size, args.steps, args.top)
+        profile(name, args.mode == 'train', args.batch, args.size, args.steps, args.top, args.compile)
 
 
 if __name__ == '__main__':
