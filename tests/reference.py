@@ -373,13 +373,20 @@ def design_pairwise(x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor, positi
 
 def design_patchwise(x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor, layers: Sequence[dict], k: int,
                      relation: str, training: bool) -> torch.Tensor:
-    """y_i = sum_j gamma(delta(x_R(i)))_j * x3_j; concatenation: [x1_i, x2_j for j in R(i)], channel-major as unfold
-    orders it (star and clique come with issue 17)."""
+    """y_i = sum_j gamma(delta(x_R(i)))_j * x3_j: concatenation [x1_i, x2_j for j in R(i)] (channel-major, as unfold
+    orders it), star [x1_i . x2_j for j], clique [x1_j . x2_m for j, m] (j-major)."""
     batch, channels, height, width = x1.shape
     hw, kk = height * width, k * k
-    if relation != 'concatenation':
+    n2 = _neighbours(x2, k, official_pad)
+    if relation == 'concatenation':
+        rel = torch.cat([x1.reshape(batch, channels, hw), n2.reshape(batch, -1, hw)], 1)
+    elif relation == 'star':
+        rel = torch.stack([(x1.reshape(batch, channels, hw) * n2[:, :, j]).sum(1) for j in range(kk)], dim=1)
+    elif relation == 'clique':
+        n1 = _neighbours(x1, k, official_pad)
+        rel = torch.stack([(n1[:, :, j] * n2[:, :, m]).sum(1) for j in range(kk) for m in range(kk)], dim=1)
+    else:
         raise ValueError(relation)
-    rel = torch.cat([x1.reshape(batch, channels, hw), _neighbours(x2, k, official_pad).reshape(batch, -1, hw)], 1)
     weights = design_mapping(rel.unsqueeze(2), layers, training)
     return _aggregate(x3, weights.reshape(batch, -1, kk, hw), k)
 

@@ -1,8 +1,8 @@
 """The attention operators' CPU kernels (eval and training) against their reference kernel, chosen by the switch.
 
 Every comparison runs one module twice: on a CPU backend (``cpp``, the compiled kernels, and ``cpu``, each in turn
-through the ``backend`` fixture; the debug log confirms which ran) and under ``ops.use_kernels('reference')``. The reference itself is checked against the official
-network in test_parity.py and test_sam.py.
+through the ``backend`` fixture; the debug log confirms which ran) and under ``ops.use_kernels('reference')``. The
+reference itself is checked against the official network in test_parity.py and test_sam.py.
 """
 import copy
 
@@ -184,7 +184,7 @@ def _attention_inputs(sa_type: str, seed: int):
         module.conv1.weight, module.conv1.bias, module.conv2.weight, module.conv2.bias, module.conv3.weight,
         module.conv3.bias, bn1.weight, bn1.bias, map1.weight, map1.bias, bn2.weight, bn2.bias, map2.weight,
         map2.bias)]
-    running = (bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var)
+    running = [bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var]
     return params, running
 
 
@@ -201,8 +201,8 @@ def test_gradcheck(sa_type, kernels, batch_stats):
         it = iter(tensors)
         full = [None if p is None else next(it) for p in params]
         if sa_type == 'pairwise':
-            return ops.pairwise_attention(x, full, running, position, 3, 1e-5, 1e-5, batch_stats, batch_stats)[0]
-        return ops.patchwise_attention(x, full, running, 3, 1e-5, 1e-5, batch_stats, batch_stats)[0]
+            return ops.pairwise_attention(x, full, running, position, 3, [1e-5, 1e-5], [batch_stats] * 2)[0]
+        return ops.patchwise_attention(x, full, running, 3, [1e-5, 1e-5], [batch_stats] * 2)[0]
 
     with ops.use_kernels(kernels):
         assert torch.autograd.gradcheck(

@@ -140,6 +140,16 @@ def test_train_from_scratch(trained):
     assert os.path.isfile(os.path.join(trained, 'model_best.pth.tar'))
 
 
+def test_train_a_design_space_variant(scripts, data, tmp_path):
+    folder, _ = _train(scripts, data, str(tmp_path), 'variant', '--num-classes', '3',
+                       '--model-kwargs', 'relation=star', 'mapping_layers=3')
+    state = torch.load(os.path.join(folder, 'last.pth.tar'), map_location='cpu', weights_only=False)['state_dict']
+    # star over stage 0's 3x3 footprint: 9 relation channels; three (norm, ReLU, conv) layers: conv_w.0 to conv_w.8
+    assert state['layer0.0.sam.conv_w.0.weight'].shape == (9,)
+    assert max(int(k.split('.')[4]) for k in state if k.startswith('layer0.0.sam.conv_w.')) == 8
+    assert np.isfinite(float(_summary(folder)[0]['eval_loss']))
+
+
 def test_train_needs_device_modules(scripts, data, tmp_path):
     rc, log = _run([
         sys.executable, os.path.join(scripts, 'train.py'), '--data-dir', data, '--model', MODEL, '--device', 'cpu',

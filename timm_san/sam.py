@@ -6,18 +6,21 @@ Submodule names (``conv1``, ``conv2``, ``conv3``, ``conv_w.N``, ``conv_p``) are 
 so its checkpoints load as they are. The module holds the parameters; its arithmetic is one call of
 ``timm_san.ops.pairwise_attention`` / ``patchwise_attention``, which pick the kernel that computes it.
 """
-from typing import List, Optional, Type
+from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import register_notrace_function
+from timm.layers import register_notrace_function, register_notrace_module
 
 from .kernels.reference import check_kernel_size
-from .ops import pairwise_attention, patchwise_attention, position_grid
+from .ops import PAIR_RELATIONS, PATCH_RELATIONS, pairwise_attention, patchwise_attention, position_grid
 
-__all__ = ['SelfAttention', 'SA_TYPES']
+__all__ = ['SelfAttention', 'SA_TYPES', 'RELATIONS', 'MAPPING_LAYERS']
 
 SA_TYPES = ('pairwise', 'patchwise')
+# the relation functions of the paper's Section 3 by attention type, the released one first
+RELATIONS = {'pairwise': PAIR_RELATIONS, 'patchwise': PATCH_RELATIONS}
+MAPPING_LAYERS = (1, 2, 3)
 
 
 @register_notrace_function  # FX records the call: tracing must not write into the real buffers
@@ -50,6 +53,9 @@ def fold_batch_stats(
         running_var.mul_(1 - momentum).add_(var, alpha=momentum)
 
 
+# FX keeps SAM as one call: its forward gathers a list of tensors per mapping layer, which FX would write out as
+# list literals that TorchScript types too narrowly (List[Tensor], where None may stand)
+@register_notrace_module
 class SelfAttention(nn.Module):
     """SAM: local self-attention over a ``k x k`` footprint, weights shared by ``share_planes`` channels.
 
@@ -59,6 +65,9 @@ class SelfAttention(nn.Module):
     Patchwise: the weights of the whole footprint are a mapping of ``conv1(x)`` at the centre concatenated with
     ``conv2(x)`` over the footprint, not normalised.
     Either way the output is the weighted sum of ``conv3(x)`` over the footprint.
+
+    The paper's design space: another ``relation`` (``RELATIONS``), no ``position_encoding`` (pairwise), one to
+    three ``mapping_layers`` (each BatchNorm, ReLU, 1x1 conv; the last with a bias). The defaults are the release.
     """
 
     def __init__(
@@ -70,6 +79,9 @@ class SelfAttention(nn.Module):
             share_planes: int = 8,
             kernel_size: int = 7,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            relation: Optional[str] = None,
+            position_encoding: Optional[bool] = None,
+            mapping_layers: int = 2,
             device=None,
             dtype=None,
     ):
@@ -82,6 +94,11 @@ class SelfAttention(nn.Module):
             share_planes: How many output channels share one attention weight channel.
             kernel_size: Footprint side (odd).
             norm_layer: BatchNorm layer of the weight mapping (its activation is the official ReLU).
+            relation: The relation function, one of ``RELATIONS[sa_type]`` (None: the released one, subtraction
+                for pairwise, concatenation for patchwise).
+            position_encoding: Pairwise only: append the learned position encoding's difference to the relation
+                (None: True for pairwise, as released).
+            mapping_layers: The weight mapping's number of layers, 1 to 3 (2 as released).
             device: Device of the parameters.
             dtype: Dtype of the parameters.
         """
@@ -92,8 +109,10 @@ class SelfAttention(nn.Module):
         check_kernel_size(kernel_size)
         if out_planes % share_planes != 0:
             raise ValueError(f'out_planes ({out_planes}) must be divisible by share_planes ({share_planes}).')
+        relation, position_encoding = check_design(sa_type, relation, position_encoding, mapping_layers)
         self.sa_type = sa_type
         self.kernel_size = kernel_size
+        self.relation = RELATIONS[sa_type].index(relation)
         weight_planes = out_planes // share_planes
         num_offsets = kernel_size * kernel_size
 
@@ -101,59 +120,85 @@ class SelfAttention(nn.Module):
         self.conv2 = nn.Conv2d(in_planes, rel_planes, kernel_size=1, **dd)
         self.conv3 = nn.Conv2d(in_planes, out_planes, kernel_size=1, **dd)
         if sa_type == 'pairwise':
-            self.conv_w = nn.Sequential(
-                norm_layer(rel_planes + 2, **dd),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(rel_planes + 2, rel_planes, kernel_size=1, bias=False, **dd),
-                norm_layer(rel_planes, **dd),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(rel_planes, weight_planes, kernel_size=1, **dd),
-            )
-            self.conv_p = nn.Conv2d(2, 2, kernel_size=1, **dd)
+            relation_planes = {'concatenation': 2 * rel_planes, 'dot': 1}.get(relation, rel_planes)
+            widths = [relation_planes + 2 * position_encoding] + [rel_planes] * (mapping_layers - 1) + [weight_planes]
         else:
-            relation_planes = rel_planes * (num_offsets + 1)
-            self.conv_w = nn.Sequential(
-                norm_layer(relation_planes, **dd),
+            relation_planes = {'star': num_offsets, 'clique': num_offsets * num_offsets}.get(
+                relation, rel_planes * (num_offsets + 1))
+            widths = [relation_planes] + [weight_planes] * (mapping_layers - 1)
+            widths += [num_offsets * weight_planes]
+        mapping: List[nn.Module] = []
+        for layer, (planes, out) in enumerate(zip(widths[:-1], widths[1:])):
+            mapping += [
+                norm_layer(planes, **dd),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(relation_planes, weight_planes, kernel_size=1, bias=False, **dd),
-                norm_layer(weight_planes, **dd),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(weight_planes, num_offsets * weight_planes, kernel_size=1, **dd),
-            )
-            self.conv_p = None
+                nn.Conv2d(planes, out, kernel_size=1, bias=layer == mapping_layers - 1, **dd),
+            ]
+        self.conv_w = nn.Sequential(*mapping)
+        self.conv_p = nn.Conv2d(2, 2, kernel_size=1, **dd) if position_encoding else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one by one: TorchScript loses a module's constants (eps) through tuple assignment
-        bn1 = self.conv_w[0]
-        map1 = self.conv_w[2]
-        bn2 = self.conv_w[3]
-        map2 = self.conv_w[5]
         params: List[Optional[torch.Tensor]] = [
             self.conv1.weight, self.conv1.bias, self.conv2.weight, self.conv2.bias, self.conv3.weight,
-            self.conv3.bias, bn1.weight, bn1.bias, map1.weight, map1.bias, bn2.weight, bn2.bias, map2.weight,
-            map2.bias]
-        running = (bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var)
-        # as nn.BatchNorm2d decides it; a norm without momentum (timm's FrozenBatchNorm2d) keeps its statistics
-        batch_stats1 = (bn1.training and hasattr(bn1, 'momentum')) or bn1.running_mean is None
-        batch_stats2 = (bn2.training and hasattr(bn2, 'momentum')) or bn2.running_mean is None
+            self.conv3.bias]
+        running: List[Optional[torch.Tensor]] = []
+        eps: List[float] = []
+        batch_stats: List[bool] = []
+        # the mapping is (norm, ReLU, conv) per layer; norms have an eps, convs a kernel size, the ReLUs neither
+        for module in self.conv_w:
+            if hasattr(module, 'eps'):
+                # one by one: TorchScript types a list literal as List[Tensor], not List[Optional[Tensor]]
+                params.append(module.weight)
+                params.append(module.bias)
+                running.append(module.running_mean)
+                running.append(module.running_var)
+                eps.append(module.eps)
+                # as nn.BatchNorm2d decides it; a norm without momentum (timm's FrozenBatchNorm2d) keeps its
+                # statistics
+                batch_stats.append((module.training and hasattr(module, 'momentum')) or module.running_mean is None)
+            elif hasattr(module, 'kernel_size'):
+                params.append(module.weight)
+                params.append(module.bias)
         if self.conv_p is not None:
             position = self.conv_p(position_grid(x))
             out, stats = pairwise_attention(
-                x, params, running, position, self.kernel_size, bn1.eps, bn2.eps, batch_stats1, batch_stats2)
+                x, params, running, position, self.kernel_size, eps, batch_stats, self.relation)
+        elif self.sa_type == 'pairwise':
+            out, stats = pairwise_attention(x, params, running, None, self.kernel_size, eps, batch_stats, self.relation)
         else:
-            out, stats = patchwise_attention(
-                x, params, running, self.kernel_size, bn1.eps, bn2.eps, batch_stats1, batch_stats2)
-        # the statistics of the norms on batch statistics, [mean1, var1] and [mean2, var2], as their own forward
-        # would fold them into their running statistics
-        if batch_stats1:
-            planes = map1.weight.shape[1]
-            fold_batch_stats(
-                bn1.running_mean, bn1.running_var, bn1.num_batches_tracked, bn1.momentum, stats[:planes],
-                stats[planes:2 * planes], x.shape[0])
-            stats = stats[2 * planes:]
-        if batch_stats2:
-            planes = map1.weight.shape[0]
-            fold_batch_stats(
-                bn2.running_mean, bn2.running_var, bn2.num_batches_tracked, bn2.momentum, stats[:planes],
-                stats[planes:2 * planes], x.shape[0])
+            out, stats = patchwise_attention(x, params, running, self.kernel_size, eps, batch_stats, self.relation)
+        # the statistics of the norms on batch statistics, [mean, var] each in order, as their own forward would
+        # fold them into their running statistics
+        offset = 0
+        for module in self.conv_w:
+            if hasattr(module, 'eps'):
+                if (module.training and hasattr(module, 'momentum')) or module.running_mean is None:
+                    planes = module.num_features
+                    fold_batch_stats(
+                        module.running_mean, module.running_var, module.num_batches_tracked, module.momentum,
+                        stats[offset:offset + planes], stats[offset + planes:offset + 2 * planes], x.shape[0])
+                    offset += 2 * planes
         return out
+
+
+def check_design(
+        sa_type: str, relation: Optional[str], position_encoding: Optional[bool], mapping_layers: int,
+) -> Tuple[str, bool]:
+    """The relation and position encoding a SAM of ``sa_type`` is built with (None: as released), or a
+    ``ValueError`` that names the argument, its value and what is allowed."""
+    relations = RELATIONS[sa_type]
+    if relation is None:
+        relation = relations[0]
+    if relation not in relations:
+        other = next((t for t, names in RELATIONS.items() if relation in names), None)
+        hint = f' ({relation!r} is a {other} relation)' if other else ''
+        raise ValueError(f'relation={relation!r} is not a {sa_type} relation{hint}; {sa_type} takes {relations}.')
+    if position_encoding is None:
+        position_encoding = sa_type == 'pairwise'
+    if position_encoding and sa_type != 'pairwise':
+        raise ValueError(f'position_encoding=True is for pairwise attention only; {sa_type} has none (leave it '
+                         f'unset or False).')
+    if mapping_layers not in MAPPING_LAYERS:
+        raise ValueError(f'mapping_layers={mapping_layers!r} is outside {MAPPING_LAYERS}: the weight mapping has one '
+                         f'to three layers (2 as released).')
+    return relation, bool(position_encoding)

@@ -26,7 +26,7 @@ from timm.models._features import feature_take_indices
 
 from .layers import Conv1x1, MaxPool2x2
 from .ops import stem
-from .sam import SA_TYPES, SelfAttention, fold_batch_stats
+from .sam import SA_TYPES, SelfAttention, check_design, fold_batch_stats
 from .weights.checkpoint import check_state_dict, checkpoint_filter_fn, strip_data_parallel_prefix
 from .weights.hub_errors import explain_pretrained_errors
 from .weights.hub_ids import hf_hub_id
@@ -36,6 +36,7 @@ __all__ = ['SAN', 'SanBottleneck']
 NUM_STAGES = 5
 STAGE_WIDTHS = (64, 256, 512, 1024, 2048)
 STAGE_KERNELS = (3, 7, 7, 7, 7)
+KERNEL_SIZES = (3, 5, 7, 9, 11)  # the footprints of the paper's study
 
 @register_notrace_function
 def check_input_size(x: torch.Tensor, min_size: int = 32) -> None:
@@ -59,6 +60,9 @@ class SanBottleneck(nn.Module):
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             act_layer: Type[nn.Module] = nn.ReLU,
             drop_path: float = 0.,
+            relation: Optional[str] = None,
+            position_encoding: Optional[bool] = None,
+            mapping_layers: int = 2,
             device=None,
             dtype=None,
     ):
@@ -71,6 +75,9 @@ class SanBottleneck(nn.Module):
             norm_layer: Normalization layer.
             act_layer: Activation layer.
             drop_path: Stochastic depth rate of the residual branch.
+            relation: SAM's relation function (None: as released; ``SelfAttention``).
+            position_encoding: Pairwise SAM's position encoding (None: as released).
+            mapping_layers: Layers of SAM's weight mapping (2 as released).
             device: Device of the parameters.
             dtype: Dtype of the parameters.
         """
@@ -79,7 +86,8 @@ class SanBottleneck(nn.Module):
         mid_planes = planes // 4
         self.bn1 = norm_layer(planes, **dd)
         self.sam = SelfAttention(
-            sa_type, planes, planes // 16, mid_planes, share_planes, kernel_size, norm_layer=norm_layer, **dd)
+            sa_type, planes, planes // 16, mid_planes, share_planes, kernel_size, norm_layer=norm_layer,
+            relation=relation, position_encoding=position_encoding, mapping_layers=mapping_layers, **dd)
         self.bn2 = norm_layer(mid_planes, **dd)
         self.conv = Conv1x1(mid_planes, planes, **dd)
         self.act = act_layer(inplace=True)
@@ -117,6 +125,7 @@ class SAN(nn.Module):
     timm's feature wrappers can walk the model. ``forward`` computes ``pool0(act_in(bn_in(conv_in(x))))`` as one
     operator (``timm_san.ops.stem``), with those modules' tensors.
     """
+    __jit_ignored_attributes__ = ['design_args']  # a plain dict of model arguments, not model state
 
     def __init__(
             self,
@@ -131,6 +140,9 @@ class SAN(nn.Module):
             act_layer: Type[nn.Module] = nn.ReLU,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            relation: Optional[str] = None,
+            position_encoding: Optional[bool] = None,
+            mapping_layers: int = 2,
             device=None,
             dtype=None,
     ):
@@ -138,7 +150,7 @@ class SAN(nn.Module):
         Args:
             sa_type: 'pairwise' or 'patchwise'.
             layers: Blocks per stage (five stages).
-            kernels: SAM footprint side per stage.
+            kernels: SAM footprint side per stage, odd, 3 to 11 (the paper's footprint study).
             num_classes: Classifier classes; 0 for no classifier.
             in_chans: Input image channels.
             global_pool: Global pooling type ('avg', 'max', 'avgmax', 'catavgmax', '' for none).
@@ -147,6 +159,12 @@ class SAN(nn.Module):
             act_layer: Activation layer of the blocks and stages (the stem's is ReLU, as in the official release).
             drop_rate: Dropout rate before the classifier.
             drop_path_rate: Stochastic depth rate, increasing linearly over the blocks up to this value.
+            relation: The relation function of every SAM (the paper's Section 3): pairwise 'subtraction'
+                (released), 'summation', 'hadamard', 'concatenation', 'dot'; patchwise 'concatenation' (released),
+                'star', 'clique'. None: the released one.
+            position_encoding: Pairwise only: the learned position encoding appended to the relation (None: True,
+                as released).
+            mapping_layers: Layers of the weight mapping, 1 to 3 (2 as released).
             device: Device of the parameters.
             dtype: Dtype of the parameters.
         """
@@ -156,6 +174,15 @@ class SAN(nn.Module):
             raise ValueError(f'sa_type must be one of {SA_TYPES}, got {sa_type!r}.')
         if len(layers) != NUM_STAGES or len(kernels) != NUM_STAGES:
             raise ValueError(f'layers and kernels need {NUM_STAGES} entries, got {list(layers)} and {list(kernels)}.')
+        if any(k not in KERNEL_SIZES for k in kernels):
+            raise ValueError(f'kernels={tuple(kernels)}: each footprint must be one of {KERNEL_SIZES} (odd, 3 to 11).')
+        check_design(sa_type, relation, position_encoding, mapping_layers)
+        # the design-space arguments that differ from the release: pass them as timm's model_args when saving
+        # (timm.models.push_to_hf_hub / save_for_hf) and the saved model rebuilds as this one
+        design = dict(relation=relation, position_encoding=position_encoding, mapping_layers=mapping_layers,
+                      kernels=tuple(kernels))
+        released = dict(relation=None, position_encoding=None, mapping_layers=2, kernels=STAGE_KERNELS)
+        self.design_args = {k: v for k, v in design.items() if v != released[k]}
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -171,8 +198,9 @@ class SAN(nn.Module):
         for i, (width, depth, kernel_size) in enumerate(zip(STAGE_WIDTHS, layers, kernels)):
             blocks = [
                 SanBottleneck(
-                    sa_type, width, kernel_size, share_planes,
-                    norm_layer=norm_layer, act_layer=act_layer, drop_path=dpr[i][j], **dd)
+                    sa_type, width, kernel_size, share_planes, norm_layer=norm_layer, act_layer=act_layer,
+                    drop_path=dpr[i][j], relation=relation, position_encoding=position_encoding,
+                    mapping_layers=mapping_layers, **dd)
                 for j in range(depth)]
             self.add_module(f'pool{i}', MaxPool2x2())
             self.add_module(f'conv{i}', Conv1x1(prev_width, width, bias=False, **dd))

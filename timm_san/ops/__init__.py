@@ -12,12 +12,14 @@ Which kernel computes a call (reference, CPU, Triton) is decided in one place, `
 switched with ``set_kernels`` / ``use_kernels`` or ``TIMM_SAN_KERNELS`` (see ``timm_san.ops.dispatch``).
 """
 from . import flops  # noqa: F401  (FLOP formulas for torch's FlopCounterMode)
-from .attention import ATTENTION_PARAMS, pairwise_attention, patchwise_attention
+from .attention import ATTENTION_PARAMS, PAIR_RELATIONS, PATCH_RELATIONS, attention_params, pairwise_attention, \
+    patchwise_attention
 from .dispatch import BACKENDS, enabled_kernels, select_kernel, set_kernels, use_kernels
 from .pointwise import conv1x1, max_pool2x2, stem
 from .primitives import aggregation, footprint, position_grid, subtraction, subtraction2
 
 __all__ = [
-    'pairwise_attention', 'patchwise_attention', 'ATTENTION_PARAMS', 'footprint', 'subtraction', 'subtraction2',
-    'aggregation', 'position_grid', 'conv1x1', 'max_pool2x2', 'stem', 'BACKENDS', 'set_kernels', 'use_kernels', 'enabled_kernels', 'select_kernel',
+    'pairwise_attention', 'patchwise_attention', 'ATTENTION_PARAMS', 'PAIR_RELATIONS', 'PATCH_RELATIONS',
+    'attention_params', 'footprint', 'subtraction', 'subtraction2', 'aggregation', 'position_grid', 'conv1x1',
+    'max_pool2x2', 'stem', 'BACKENDS', 'set_kernels', 'use_kernels', 'enabled_kernels', 'select_kernel',
 ]

@@ -113,7 +113,8 @@ def _cpp_reason() -> str:
     return cpp.unavailable_reason()
 
 
-def select_kernel(op: str, x: torch.Tensor, training: bool = False, backends: Iterable[str] = BACKENDS) -> str:
+def select_kernel(op: str, x: torch.Tensor, training: bool = False, backends: Iterable[str] = BACKENDS,
+                  note: str = '') -> str:
     """The kernel that computes ``op`` on input ``x``: ``'triton'``, ``'cpu'`` or ``'reference'``.
 
     Args:
@@ -121,6 +122,7 @@ def select_kernel(op: str, x: torch.Tensor, training: bool = False, backends: It
         x: The operator's main input (its device and dtype decide).
         training: Whether the call normalises with batch statistics (the CPU backend then needs float32/float64).
         backends: The backends that implement ``op``.
+        note: Why ``backends`` is narrower than usual, for the log.
 
     Returns:
         The first backend of ``backends`` that is enabled and applies to ``x``, else ``'reference'`` (also for
@@ -143,8 +145,8 @@ def select_kernel(op: str, x: torch.Tensor, training: bool = False, backends: It
     if cpp_applies and kernel != 'cpp' and x.numel():
         skipped = f'; cpp unavailable: {_cpp_reason()}'
     if _logger.isEnabledFor(logging.DEBUG):
-        _logger.debug('%s: %s kernel (%s, %s%s%s)', op, kernel, device, x.dtype, ', training' if training else '',
-                      skipped)
+        _logger.debug('%s: %s kernel (%s, %s%s%s%s)', op, kernel, device, x.dtype, ', training' if training else '',
+                      skipped, f'; {note}' if note else '')
     return kernel
 
 

@@ -26,10 +26,9 @@ def _pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
 def _attention_flops(x_shape, param_shapes: Sequence, offsets: int, pairwise: bool) -> int:
     pixels = x_shape[0] * x_shape[2] * x_shape[3]
     projections = sum(_conv_flops(pixels, x_shape[1], param_shapes[i][0]) for i in (0, 2, 4))
-    map1, map2 = param_shapes[8], param_shapes[12]
-    # pairwise maps every footprint offset through both layers; patchwise maps the centre's footprint once
+    # pairwise maps every footprint offset through every layer; patchwise maps the centre's footprint once
     mapped = pixels * offsets if pairwise else pixels
-    return projections + _conv_flops(mapped, map1[1], map1[0]) + _conv_flops(mapped, map2[1], map2[0])
+    return projections + sum(_conv_flops(mapped, shape[1], shape[0]) for shape in param_shapes[8::4])
 
 
 @register_flop_formula(torch.ops.timm_san.pairwise_attention)

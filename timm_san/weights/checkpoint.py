@@ -209,10 +209,39 @@ def describe_san_state_dict(state_dict: Mapping[str, Any]) -> Optional[str]:
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     layers = [len(blocks.get(i, ())) for i in range(5)]
-    sa_type = 'pairwise' if any('.sam.conv_p.' in k for k in state_dict) else 'patchwise'
+    sa_type, design = _design_of(state_dict)
     known = {(2, 1, 2, 4, 1): 'san10', (3, 2, 3, 5, 2): 'san15', (3, 3, 4, 6, 3): 'san19'}
     name = known.get(tuple(layers))
-    return f'{sa_type}, blocks {layers}' + (f' ({name}_{sa_type})' if name else '')
+    arguments = ', '.join(f'{k}={v!r}' for k, v in design.items())
+    model = f'{name}_{sa_type}' + (f' with {arguments}' if arguments else '') if name else ''
+    return f'{sa_type}, blocks {layers}' + (f', {arguments}' if arguments and not name else '') + \
+        (f' ({model})' if model else '')
+
+
+def _design_of(state_dict: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    """The attention type of a SAN state dict, and where its first SAM is not the released design, the model
+    arguments that build it (``relation``, ``position_encoding``, ``mapping_layers``), read from the shapes."""
+    sam = 'layer0.0.sam.'
+    position = f'{sam}conv_p.weight' in state_dict
+    convs = sorted(int(k[len(sam) + 7:-7]) for k in state_dict
+                   if k.startswith(f'{sam}conv_w.') and k.endswith('.weight') and state_dict[k].dim() == 4)
+    if f'{sam}conv1.weight' not in state_dict or not convs:
+        return ('pairwise' if position else 'patchwise'), {}
+    rel_planes = state_dict[f'{sam}conv1.weight'].shape[0]
+    weight_planes = state_dict[f'{sam}conv3.weight'].shape[0] // 8
+    first_norm = state_dict[f'{sam}conv_w.0.weight'].shape[0] if f'{sam}conv_w.0.weight' in state_dict else None
+    pairwise = position or state_dict[f'{sam}conv_w.{convs[-1]}.weight'].shape[0] == weight_planes
+    design: Dict[str, Any] = {}
+    if pairwise and first_norm is not None:
+        # summation and hadamard have subtraction's shapes: the weights cannot tell them apart
+        relation = {2 * rel_planes: 'concatenation', 1: 'dot'}.get(first_norm - 2 * position)
+        if relation:
+            design['relation'] = relation
+        if not position:
+            design['position_encoding'] = False
+    if len(convs) != 2:
+        design['mapping_layers'] = len(convs)
+    return ('pairwise' if pairwise else 'patchwise'), design
 
 
 def _examples(keys: List[str]) -> str:
