@@ -349,11 +349,12 @@ def pair_relation(centre: torch.Tensor, neighbours: torch.Tensor, relation: str)
 
 
 def design_mapping(relation: torch.Tensor, layers: Sequence[dict], training: bool) -> torch.Tensor:
-    """``gamma``: per layer BatchNorm (batch statistics in training, else running ones), ReLU, 1x1 conv."""
+    """``gamma``: per layer BatchNorm (batch statistics in training, else running ones), ReLU, 1x1 conv. In training,
+    running statistics given in a layer (``mean``, ``var``) are updated in place as BatchNorm2d updates them."""
     out = relation
     for layer in layers:
         out = F.batch_norm(out, layer['mean'], layer['var'], layer['norm_weight'], layer['norm_bias'],
-                           training=training, eps=layer['eps'])
+                           training=training, momentum=layer.get('momentum', 0.1), eps=layer['eps'])
         out = F.conv2d(F.relu(out), layer['weight'], layer['bias'])
     return out
 

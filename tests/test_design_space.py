@@ -36,9 +36,9 @@ def _layers(module: SelfAttention, training: bool):
             for norm, conv in zip(mapping[0::3], mapping[2::3])]
 
 
-def _definition(module: SelfAttention, x: torch.Tensor, relation: str) -> torch.Tensor:
+def _definition(module: SelfAttention, x: torch.Tensor, relation: str, layers=None) -> torch.Tensor:
     x1, x2, x3 = module.conv1(x), module.conv2(x), module.conv3(x)
-    layers = _layers(module, module.training)
+    layers = _layers(module, module.training) if layers is None else layers
     if module.sa_type == 'patchwise':
         return design_patchwise(x1, x2, x3, layers, module.kernel_size, relation, module.training)
     position = None if module.conv_p is None else module.conv_p(ops.position_grid(x))
@@ -84,9 +84,16 @@ def test_variant_equals_its_definition(sa_type, relation, position, layers, kern
 
 
 @pytest.mark.parametrize('kernels', KERNELS)
-@pytest.mark.parametrize('relation,position', [('dot', True), ('concatenation', False), ('hadamard', True)])
-def test_variant_gradcheck(relation, position, kernels):
-    module = _sam('pairwise', seed=6, relation=relation, position_encoding=position, mapping_layers=3)
+@pytest.mark.parametrize('sa_type,design', [
+    ('pairwise', dict(relation='dot', position_encoding=True, mapping_layers=3)),
+    ('pairwise', dict(relation='concatenation', position_encoding=False, mapping_layers=3)),
+    ('pairwise', dict(relation='hadamard', position_encoding=True, mapping_layers=1)),
+    ('patchwise', dict(relation='concatenation', mapping_layers=3)),
+    ('patchwise', dict(relation='star', mapping_layers=1)),
+    ('patchwise', dict(relation='clique', mapping_layers=3)),
+])
+def test_variant_gradcheck(sa_type, design, kernels):
+    module = _sam(sa_type, seed=6, **design)
     x = _rand(2, 16, 3, 4, seed=7).requires_grad_()
     with _use(kernels):
         for training in (False, True):
@@ -121,7 +128,7 @@ def test_a_variant_san_trains_and_evaluates(design, size, kernels_run):
 
 def test_a_variant_exports():
     model = timm.create_model('san10_pairwise', relation='hadamard', position_encoding=False, mapping_layers=1,
-                              num_classes=10).eval()
+                              kernels=(3, 5, 9, 5, 3), num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
     batch = torch.export.Dim('batch', min=1, max=64)
     with torch.no_grad():
@@ -246,3 +253,27 @@ def test_every_relation_trains_and_evaluates_in_a_san(sa_type, relation, size):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     with torch.no_grad():
         assert torch.isfinite(model.eval()(x)).all()
+
+
+@pytest.mark.parametrize('kernels', KERNELS)
+@pytest.mark.parametrize('sa_type,design', [
+    ('pairwise', dict(relation='concatenation', position_encoding=False, mapping_layers=3)),
+    ('patchwise', dict(relation='star', mapping_layers=3)),
+    ('patchwise', dict(relation='concatenation', mapping_layers=1)),
+])
+def test_a_training_forward_updates_the_running_statistics_as_batchnorm_does(sa_type, design, kernels):
+    module = _sam(sa_type, seed=12, **design).train()
+    x = _rand(2, 16, 7, 8, seed=13)
+    layers = _layers(module, training=False)  # the running statistics, copied
+    for layer in layers:
+        layer.update(mean=layer['mean'].clone(), var=layer['var'].clone())
+    norms = list(module.conv_w)[0::3]
+    counts = [int(norm.num_batches_tracked) for norm in norms]
+    with torch.no_grad():
+        _definition(module, x, design['relation'], layers)  # BatchNorm2d's update of the copies
+        with _use(kernels):
+            module(x)
+    for norm, layer, count in zip(norms, layers, counts):
+        torch.testing.assert_close(norm.running_mean, layer['mean'], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(norm.running_var, layer['var'], rtol=1e-9, atol=1e-12)
+        assert int(norm.num_batches_tracked) == count + 1

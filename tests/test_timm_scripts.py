@@ -141,12 +141,12 @@ def test_train_from_scratch(trained):
 
 
 def test_train_a_design_space_variant(scripts, data, tmp_path):
-    folder, _ = _train(scripts, data, str(tmp_path), 'variant', '--num-classes', '3',
-                       '--model-kwargs', 'relation=star', 'mapping_layers=3')
+    folder, _ = _train(scripts, data, str(tmp_path), 'variant', '--num-classes', '3', '--model-kwargs',
+                       'mapping_layers=3', 'kernels=(3,5,5,5,5)', size=EVAL_SIZE)
     state = torch.load(os.path.join(folder, 'last.pth.tar'), map_location='cpu', weights_only=False)['state_dict']
-    # star over stage 0's 3x3 footprint: 9 relation channels; three (norm, ReLU, conv) layers: conv_w.0 to conv_w.8
-    assert state['layer0.0.sam.conv_w.0.weight'].shape == (9,)
+    # three (norm, ReLU, conv) layers: conv_w.0 to conv_w.8; stage 1's 5x5 footprint: 16 * (25 + 1) relation channels
     assert max(int(k.split('.')[4]) for k in state if k.startswith('layer0.0.sam.conv_w.')) == 8
+    assert state['layer1.0.sam.conv_w.0.weight'].shape == (16 * 26,)
     assert np.isfinite(float(_summary(folder)[0]['eval_loss']))
 
 
