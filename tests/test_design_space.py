@@ -175,7 +175,8 @@ def test_bad_design_arguments_are_refused_at_construction(name, design, match):
 
 def test_a_variant_runs_in_onnxruntime(tmp_path):
     ort = pytest.importorskip('onnxruntime')
-    model = timm.create_model('san10_pairwise', relation='concatenation', mapping_layers=3, num_classes=10).eval()
+    model = timm.create_model('san10_pairwise', relation='concatenation', mapping_layers=3, kernels=(3, 3, 3, 3, 3),
+                              num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
     path = tmp_path / 'variant.onnx'
     # the legacy exporter, as timm's onnx_export.py uses by default; dynamic batch
