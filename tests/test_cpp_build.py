@@ -10,13 +10,14 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# one eval forward of a small SAN (the model's name filled in), the dispatch's debug log and warnings on stdout
 _FORWARD = """
 import logging, sys, time
 import torch, timm
 import timm_san
 logging.basicConfig(stream=sys.stdout, format='%(name)s %(levelname)s %(message)s', level=logging.WARNING)
 logging.getLogger('timm_san.ops').setLevel(logging.DEBUG)
-model = timm.create_model('san10_pairwise', num_classes=10).eval()
+model = timm.create_model('{model}', num_classes=10).eval()
 with torch.no_grad():
     model(torch.randn(1, 3, 32, 32))
 """
@@ -24,8 +25,8 @@ with torch.no_grad():
 
 def _start(cache, **env_changes):
     env = dict(os.environ, TIMM_SAN_CPP_CACHE=str(cache), **env_changes)
-    return subprocess.Popen([sys.executable, '-c', _FORWARD], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, '-c', _FORWARD.format(model='san10_pairwise')], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(process):
@@ -72,3 +73,19 @@ def test_kernels_command_reports_and_builds(tmp_path):
     assert 'backends allowed: cpp, cpu, triton' in report.stdout
     assert 'not built yet for this machine' in report.stdout
     assert not list(tmp_path.rglob('*.so'))  # reporting builds nothing
+
+
+def test_without_a_compiler_the_cpu_backend_runs_and_the_log_says_why(tmp_path):
+    # no compiler on PATH, an empty cache: the dispatch falls back, warns once, and names the reason in its log
+    env = dict(os.environ, PATH=str(tmp_path), TIMM_SAN_CPP_CACHE=str(tmp_path / 'cache'))
+    env.pop('CXX', None)
+    result = subprocess.run([sys.executable, '-c', _FORWARD.format(model='san10_patchwise')], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    warnings = [ln for ln in lines if 'WARNING' in ln]
+    assert len(warnings) == 1 and 'no C++ compiler found' in warnings[0], warnings
+    attention = [ln for ln in lines if 'patchwise_attention:' in ln]
+    assert len(attention) == 10
+    assert all('cpu kernel' in ln and 'cpp unavailable: no C++ compiler found' in ln for ln in attention), attention
+    assert not (tmp_path / 'cache').exists() or not any((tmp_path / 'cache').rglob('*.so'))

@@ -278,3 +278,24 @@ def test_a_training_forward_updates_the_running_statistics_as_batchnorm_does(sa_
         torch.testing.assert_close(norm.running_mean, layer['mean'], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(norm.running_var, layer['var'], rtol=1e-9, atol=1e-12)
         assert int(norm.num_batches_tracked) == count + 1
+
+
+def test_the_attention_operators_refuse_bad_arguments():
+    module = _sam('pairwise', seed=14)
+    x = _rand(1, 16, 5, 5, seed=15)
+    params = [p for name, p in module.named_parameters() if not name.startswith('conv_p')]
+    params.insert(9, None)  # the first mapping conv's absent bias
+    running = [module.conv_w[0].running_mean, module.conv_w[0].running_var,
+               module.conv_w[3].running_mean, module.conv_w[3].running_var]
+    position = module.conv_p(ops.position_grid(x))
+    with pytest.raises(ValueError, match=r'relation code 5 names no relation; codes 0-4'):
+        ops.pairwise_attention(x, params, running, position, 3, [1e-5, 1e-5], [False, False], 5)
+    with pytest.raises(ValueError, match=r'one to three mapping layers.*got 4 eps and 4 flags'):
+        ops.pairwise_attention(x, params, running, position, 3, [1e-5] * 4, [False] * 4)
+    with pytest.raises(ValueError, match=r'with 2 mapping layers takes 14 parameters \(conv1.weight.*and 4 running '
+                                         r'statistics, got 13 and 4'):
+        ops.pairwise_attention(x, params[:-1], running, position, 3, [1e-5, 1e-5], [False, False])
+    with pytest.raises(ValueError, match=r'relation code 7 names no relation; codes 0-2'):
+        ops.patchwise_attention(x, params, running, 3, [1e-5, 1e-5], [False, False], 7)
+    # the released call itself is accepted
+    ops.pairwise_attention(x, params, running, position, 3, [1e-5, 1e-5], [False, False])

@@ -15,7 +15,7 @@ from timm.layers import register_notrace_function, register_notrace_module
 from .kernels.reference import check_kernel_size
 from .ops import PAIR_RELATIONS, PATCH_RELATIONS, pairwise_attention, patchwise_attention, position_grid
 
-__all__ = ['SelfAttention', 'SA_TYPES', 'RELATIONS', 'MAPPING_LAYERS']
+__all__ = ['SelfAttention', 'SA_TYPES', 'RELATIONS', 'MAPPING_LAYERS', 'relation_channels', 'check_design']
 
 SA_TYPES = ('pairwise', 'patchwise')
 # the relation functions of the paper's Section 3 by attention type, the released one first
@@ -119,14 +119,11 @@ class SelfAttention(nn.Module):
         self.conv1 = nn.Conv2d(in_planes, rel_planes, kernel_size=1, **dd)
         self.conv2 = nn.Conv2d(in_planes, rel_planes, kernel_size=1, **dd)
         self.conv3 = nn.Conv2d(in_planes, out_planes, kernel_size=1, **dd)
+        relation_planes = relation_channels(sa_type, relation, rel_planes, kernel_size) + 2 * position_encoding
         if sa_type == 'pairwise':
-            relation_planes = {'concatenation': 2 * rel_planes, 'dot': 1}.get(relation, rel_planes)
-            widths = [relation_planes + 2 * position_encoding] + [rel_planes] * (mapping_layers - 1) + [weight_planes]
+            widths = [relation_planes] + [rel_planes] * (mapping_layers - 1) + [weight_planes]
         else:
-            relation_planes = {'star': num_offsets, 'clique': num_offsets * num_offsets}.get(
-                relation, rel_planes * (num_offsets + 1))
-            widths = [relation_planes] + [weight_planes] * (mapping_layers - 1)
-            widths += [num_offsets * weight_planes]
+            widths = [relation_planes] + [weight_planes] * (mapping_layers - 1) + [num_offsets * weight_planes]
         mapping: List[nn.Module] = []
         for layer, (planes, out) in enumerate(zip(widths[:-1], widths[1:])):
             mapping += [
@@ -169,16 +166,26 @@ class SelfAttention(nn.Module):
             out, stats = patchwise_attention(x, params, running, self.kernel_size, eps, batch_stats, self.relation)
         # the statistics of the norms on batch statistics, [mean, var] each in order, as their own forward would
         # fold them into their running statistics
-        offset = 0
+        offset, norm = 0, 0
         for module in self.conv_w:
             if hasattr(module, 'eps'):
-                if (module.training and hasattr(module, 'momentum')) or module.running_mean is None:
+                if batch_stats[norm]:
                     planes = module.num_features
                     fold_batch_stats(
                         module.running_mean, module.running_var, module.num_batches_tracked, module.momentum,
                         stats[offset:offset + planes], stats[offset + planes:offset + 2 * planes], x.shape[0])
                     offset += 2 * planes
+                norm += 1
         return out
+
+
+def relation_channels(sa_type: str, relation: str, rel_planes: int, kernel_size: int) -> int:
+    """The channels a relation gives the weight mapping (pairwise: per footprint offset; patchwise: per pixel),
+    before the position encoding's two."""
+    offsets = kernel_size * kernel_size
+    if sa_type == 'pairwise':
+        return {'concatenation': 2 * rel_planes, 'dot': 1}.get(relation, rel_planes)
+    return {'star': offsets, 'clique': offsets * offsets}.get(relation, rel_planes * (offsets + 1))
 
 
 def check_design(

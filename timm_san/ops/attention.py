@@ -588,8 +588,8 @@ def _check_arguments(params: OptionalTensors, running: Sequence[Optional[torch.T
     if not 1 <= layers <= 3 or len(batch_stats) != layers:
         raise ValueError(f'SAN attention takes one to three mapping layers, with one eps and one batch_stats flag '
                          f'each; got {layers} eps and {len(batch_stats)} flags.')
-    names = attention_params(layers)
-    if len(params) != len(names) or len(running) != 2 * layers:
+    if len(params) != _CONVS + 4 * layers or len(running) != 2 * layers:
+        names = attention_params(layers)
         raise ValueError(
             f'SAN attention with {layers} mapping layers takes {len(names)} parameters ({", ".join(names)}) and '
             f'{2 * layers} running statistics, got {len(params)} and {len(running)}.')

@@ -16,6 +16,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..ops import PAIR_RELATIONS
+from ..sam import relation_channels
+
 __all__ = [
     'CheckpointMismatchError', 'CheckpointReadError', 'load_official_checkpoint', 'unwrap_state_dict',
     'describe_san_state_dict', 'check_state_dict', 'checkpoint_filter_fn', 'strip_data_parallel_prefix',
@@ -25,6 +28,7 @@ __all__ = [
 _DATA_PARALLEL_PREFIX = 'module.'
 _SAN_STEM_KEY = 'conv_in.weight'
 _BLOCK_KEY = re.compile(r'^layer(\d)\.(\d+)\.')
+_FIRST_MAPPING_WEIGHT = re.compile(r'^layer0\.0\.sam\.conv_w\.(\d+)\.weight$')
 _SHOWN = 5
 _ZIP_MAGIC = b'PK\x03\x04'  # torch.save's default format since torch 1.6
 _PICKLE_PROTOCOL = b'\x80'  # a plain pickle (torch's legacy format) opens with its protocol number
@@ -223,8 +227,9 @@ def _design_of(state_dict: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     arguments that build it (``relation``, ``position_encoding``, ``mapping_layers``), read from the shapes."""
     sam = 'layer0.0.sam.'
     position = f'{sam}conv_p.weight' in state_dict
-    convs = sorted(int(k[len(sam) + 7:-7]) for k in state_dict
-                   if k.startswith(f'{sam}conv_w.') and k.endswith('.weight') and state_dict[k].dim() == 4)
+    # the mapping's convs: conv_w.N weights of 4 dims (the norms' are vectors)
+    convs = sorted(int(m.group(1)) for m in map(_FIRST_MAPPING_WEIGHT.match, state_dict)
+                   if m and state_dict[m.group(0)].dim() == 4)
     if f'{sam}conv1.weight' not in state_dict or not convs:
         return ('pairwise' if position else 'patchwise'), {}
     rel_planes = state_dict[f'{sam}conv1.weight'].shape[0]
@@ -233,9 +238,10 @@ def _design_of(state_dict: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     pairwise = position or state_dict[f'{sam}conv_w.{convs[-1]}.weight'].shape[0] == weight_planes
     design: Dict[str, Any] = {}
     if pairwise and first_norm is not None:
-        # summation and hadamard have subtraction's shapes: the weights cannot tell them apart
-        relation = {2 * rel_planes: 'concatenation', 1: 'dot'}.get(first_norm - 2 * position)
-        if relation:
+        # the first relation of that width: summation and hadamard have subtraction's, so they read as released
+        relation = next((r for r in PAIR_RELATIONS if relation_channels('pairwise', r, rel_planes, 1) ==
+                         first_norm - 2 * position), PAIR_RELATIONS[0])
+        if relation != PAIR_RELATIONS[0]:
             design['relation'] = relation
         if not position:
             design['position_encoding'] = False
